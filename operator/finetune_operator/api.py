@@ -1,0 +1,234 @@
+"""The FineTuneJob API (finetune.dev/v1alpha1): spec = run config + placement, and status.
+
+These models are the single source of truth: the CRD is rendered from them
+(`python -m finetune_operator.crd`) and the operator parses every object with them.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from finetune_trainer.config import (
+    ConfigError,
+    RunConfig,
+    SpecModel,
+    format_errors,
+    run_field_names,
+)
+from finetune_trainer.progress import CheckpointInfo, WireModel
+from pydantic import Field, ValidationError, model_validator
+
+GROUP = "finetune.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "FineTuneJob"
+PLURAL = "finetunejobs"
+SINGULAR = "finetunejob"
+SHORT_NAMES = ["ftj"]
+CATEGORIES = ["finetune"]
+
+Quantity = Annotated[
+    str,
+    Field(
+        max_length=64,
+        pattern=r"^[0-9]+(\.[0-9]+)?([eE][0-9]+|[numkKMGTPE]i?)?$",
+        description="A Kubernetes quantity, e.g. 8, 500m, 32Gi.",
+    ),
+]
+LabelValue = Annotated[str, Field(max_length=253)]
+K8sName = Annotated[
+    str, Field(min_length=1, max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+]
+
+
+class Toleration(SpecModel):
+    """A pod toleration (core/v1 Toleration)."""
+
+    key: str | None = Field(default=None, max_length=316)
+    operator: Literal["Exists", "Equal"] | None = None
+    value: str | None = Field(default=None, max_length=253)
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = Field(default=None, ge=0)
+
+
+class ResourcesSpec(SpecModel):
+    """Where the trainer pod runs and what it gets."""
+
+    gpus: int = Field(default=1, ge=0, le=64, description="nvidia.com/gpu per pod.")
+    gpu_type: str | None = Field(
+        default=None,
+        max_length=253,
+        description="Value of the node label nvidia.com/gpu.product to schedule on.",
+    )
+    cpu: Quantity | None = Field(default=None, description="CPU request (and limit).")
+    memory: Quantity | None = Field(default=None, description="Memory request (and limit).")
+    node_selector: dict[str, LabelValue] | None = Field(default=None, max_length=32)
+    tolerations: list[Toleration] | None = Field(default=None, max_length=32)
+    image: str | None = Field(
+        default=None, max_length=1024, description="Trainer image; default set by the platform."
+    )
+    shm_size: Quantity | None = Field(
+        default=None, description="Size of /dev/shm (memory-backed emptyDir); default 8Gi."
+    )
+
+
+class SecretKeyRef(SpecModel):
+    """A key in a Secret in the job's namespace."""
+
+    name: K8sName
+    key: str = Field(default="token", min_length=1, max_length=253)
+
+
+class SecretRef(SpecModel):
+    """A Secret in the job's namespace, all of whose keys become environment variables."""
+
+    name: K8sName
+
+
+class SecretsSpec(SpecModel):
+    """Credentials, referenced by name; never inlined in the spec."""
+
+    hf_token: SecretKeyRef | None = Field(
+        default=None, description="Hugging Face token (exposed to the trainer as HF_TOKEN)."
+    )
+    storage: SecretRef | None = Field(
+        default=None,
+        description="Object-store credentials (e.g. AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY).",
+    )
+
+
+DURABLE_OUTPUT_SCHEMES = ("pvc://", "s3://", "gs://", "gcs://", "az://", "abfs://", "hf://")
+
+
+class FineTuneJobSpec(RunConfig):
+    """A FineTuneJob's spec: the training run plus where and how it runs on the cluster."""
+
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    secrets: SecretsSpec | None = None
+    suspend: bool = Field(
+        default=False, description="Suspend the run (pods deleted, checkpoints kept)."
+    )
+    ttl_seconds_after_finished: int | None = Field(
+        default=None, ge=0, le=31_536_000, description="Delete the finished job after this TTL."
+    )
+    active_deadline_seconds: int | None = Field(
+        default=None, ge=1, le=31_536_000, description="Fail the run after this long."
+    )
+    backoff_limit: int = Field(
+        default=3, ge=0, le=100, description="Retries on failure (preemptions not counted)."
+    )
+    priority_class_name: K8sName | None = None
+    queue_name: K8sName | None = Field(
+        default=None, description="Kueue LocalQueue; the Job is created suspended for Kueue."
+    )
+
+    @model_validator(mode="after")
+    def _check_placement(self) -> FineTuneJobSpec:
+        if self.method.type == "qlora" and self.resources.gpus == 0:
+            raise ValueError("resources.gpus: qlora needs a GPU (bitsandbytes k-bit kernels)")
+        if not self.output.uri.startswith(DURABLE_OUTPUT_SCHEMES):
+            raise ValueError(
+                "output.uri: a cluster run needs durable storage: pvc://claim/path, s3://... "
+                "or hf://org/repo (a local path would be lost with the pod)"
+            )
+        return self
+
+    def run_config(self) -> RunConfig:
+        """The training-run part of this spec, as the trainer receives it."""
+        fields = run_field_names()
+        return RunConfig.model_validate(
+            {k: v for k, v in self.model_dump(by_alias=True).items() if k in fields}
+        )
+
+
+def parse_spec(spec: dict[str, Any]) -> FineTuneJobSpec:
+    """Validate a FineTuneJob spec, raising ConfigError with `spec.`-prefixed field paths."""
+    try:
+        return FineTuneJobSpec.model_validate(spec)
+    except ValidationError as exc:
+        raise ConfigError(format_errors(exc, "spec")) from None
+
+
+# --------------------------------------------------------------------------------------------
+# status
+# --------------------------------------------------------------------------------------------
+JobPhase = Literal["Pending", "ValidatingData", "Running", "Succeeded", "Failed", "Suspended"]
+ConditionType = Literal["Created", "Running", "Succeeded", "Failed", "Suspended"]
+
+
+class Condition(WireModel):
+    """A metav1.Condition-shaped condition."""
+
+    type: ConditionType
+    status: Literal["True", "False", "Unknown"]
+    reason: str = Field(
+        min_length=1, max_length=1024, pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"
+    )
+    message: str = Field(default="", max_length=32768)
+    last_transition_time: datetime
+    observed_generation: int | None = Field(default=None, ge=0)
+
+
+class ProgressStatus(WireModel):
+    """Live training progress mirrored from the trainer's /progress."""
+
+    stage: str | None = Field(default=None, description="Trainer phase, e.g. training, saving.")
+    step: int | None = Field(default=None, ge=0)
+    total_steps: int | None = Field(default=None, ge=0)
+    epoch: float | None = None
+    percent: float | None = Field(default=None, ge=0, le=100)
+    loss: float | None = None
+    eval_loss: float | None = None
+    learning_rate: float | None = None
+    tokens_per_second: float | None = None
+    eta_seconds: float | None = None
+    eta: str | None = Field(default=None, max_length=32, description="ETA for humans, e.g. 1h05m.")
+    trained_tokens: int | None = Field(default=None, ge=0)
+    updated_at: datetime | None = None
+
+
+class ResultStatus(WireModel):
+    """Where the outputs of a finished run are, and its final metrics."""
+
+    adapter_uri: str | None = None
+    merged_model_uri: str | None = None
+    output_uri: str | None = None
+    metrics: dict[str, float] | None = None
+    trainable_params: int | None = Field(default=None, ge=0)
+    trained_tokens: int | None = Field(default=None, ge=0)
+
+
+class FineTuneJobStatus(WireModel):
+    """Observed state of a FineTuneJob, owned by the operator."""
+
+    phase: JobPhase | None = None
+    conditions: list[Condition] = Field(default_factory=list, max_length=16)
+    progress: ProgressStatus | None = None
+    checkpoints: list[CheckpointInfo] = Field(default_factory=list, max_length=32)
+    result: ResultStatus | None = None
+    start_time: datetime | None = None
+    completion_time: datetime | None = None
+    attempts: int | None = Field(default=None, ge=0)
+    preemptions: int | None = Field(default=None, ge=0)
+    job_name: str | None = Field(default=None, max_length=253)
+    observed_generation: int | None = Field(default=None, ge=0)
+
+
+__all__ = [
+    "API_VERSION",
+    "CATEGORIES",
+    "GROUP",
+    "KIND",
+    "PLURAL",
+    "SHORT_NAMES",
+    "SINGULAR",
+    "VERSION",
+    "Condition",
+    "ConfigError",
+    "FineTuneJobSpec",
+    "FineTuneJobStatus",
+    "ProgressStatus",
+    "ResultStatus",
+    "parse_spec",
+]

@@ -1,0 +1,410 @@
+"""Render the FineTuneJob CustomResourceDefinition from the API models.
+
+    python -m finetune_operator.crd            # write crds/ and the Helm chart's copy
+    python -m finetune_operator.crd --check    # exit 1 if a committed copy differs
+    python -m finetune_operator.crd --stdout   # print it
+
+The pydantic JSON schema is turned into a Kubernetes *structural* schema: $refs inlined,
+optional unions collapsed, `int | "auto"` as int-or-string, other scalar unions as
+untyped nodes guarded by a CEL rule, and the cross-field rules the API needs as
+`x-kubernetes-validations` (including immutability of the training part of the spec).
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from finetune_operator.api import (
+    CATEGORIES,
+    GROUP,
+    KIND,
+    PLURAL,
+    SHORT_NAMES,
+    SINGULAR,
+    VERSION,
+    FineTuneJobSpec,
+    FineTuneJobStatus,
+)
+
+Schema = dict[str, Any]
+
+CRD_FILENAME = f"{GROUP}_{PLURAL}.yaml"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CRD_PATHS = (
+    REPO_ROOT / "crds" / CRD_FILENAME,
+    REPO_ROOT / "helm" / "finetune-operator" / "crds" / CRD_FILENAME,
+)
+
+# Fields under spec that define the training run: immutable once created.
+IMMUTABLE_SPEC_FIELDS = ("model", "dataset", "task", "method", "training", "output")
+
+_DROP_KEYS = {"title", "default", "additionalProperties_false", "examples"}
+
+
+def _rule(rule: str, message: str, field_path: str | None = None) -> dict[str, str]:
+    out = {"rule": rule, "message": message}
+    if field_path:
+        out["fieldPath"] = field_path
+    return out
+
+
+# CEL rules attached to nodes of the spec schema, keyed by property path under spec.
+# They mirror the pydantic cross-field validators (whose messages name the same fields).
+SPEC_RULES: dict[tuple[str, ...], list[dict[str, str]]] = {
+    (): [
+        _rule(
+            "!has(self.task) || self.task != 'sequence-classification' || "
+            "!has(self.dataset.format) || self.dataset.format in ['auto', 'classification']",
+            "spec.dataset.format: sequence-classification needs classification data (text/label)",
+            ".dataset.format",
+        ),
+        _rule(
+            "(has(self.task) && self.task == 'sequence-classification') || "
+            "!has(self.dataset.format) || self.dataset.format != 'classification'",
+            "spec.dataset.format: classification data needs task sequence-classification",
+            ".dataset.format",
+        ),
+        _rule(
+            "!has(self.output.mergeAdapter) || !self.output.mergeAdapter || "
+            "(has(self.method) && has(self.method.type) ? "
+            "self.method.type in ['lora', 'dora', 'qlora', 'ia3'] : true)",
+            "spec.output.mergeAdapter: only lora, dora, qlora and ia3 adapters can be merged",
+            ".output.mergeAdapter",
+        ),
+        _rule(
+            "!has(self.training) || (!has(self.training.earlyStopping) && "
+            "!has(self.training.evalSteps)) || has(self.dataset.validation)",
+            "spec.training: evalSteps and earlyStopping need a validation split "
+            "(set spec.dataset.validation)",
+            ".training",
+        ),
+        _rule(
+            "!(has(self.method) && has(self.method.type) && self.method.type == 'qlora') || "
+            "!has(self.resources) || !has(self.resources.gpus) || self.resources.gpus > 0",
+            "spec.resources.gpus: qlora needs a GPU (bitsandbytes k-bit kernels)",
+            ".resources.gpus",
+        ),
+        _rule(
+            "['pvc://', 's3://', 'gs://', 'gcs://', 'az://', 'abfs://', 'hf://']"
+            ".exists(p, self.output.uri.startsWith(p))",
+            "spec.output.uri: a cluster run needs durable storage: pvc://, s3:// or hf://",
+            ".output.uri",
+        ),
+    ],
+    ("dataset",): [
+        _rule(
+            "has(self.source) != has(self.inline)",
+            "spec.dataset: set exactly one of source or inline",
+        ),
+        _rule(
+            "!has(self.completionOnlyLoss) || !self.completionOnlyLoss || "
+            "!has(self.format) || self.format != 'text'",
+            "spec.dataset.completionOnlyLoss: plain text has no prompt/completion boundary",
+            ".completionOnlyLoss",
+        ),
+    ],
+    ("dataset", "validation"): [
+        _rule(
+            "has(self.source) != has(self.splitRatio)",
+            "spec.dataset.validation: set exactly one of source or splitRatio",
+        )
+    ],
+    ("dataset", "test"): [
+        _rule(
+            "has(self.source) != has(self.splitRatio)",
+            "spec.dataset.test: set exactly one of source or splitRatio",
+        )
+    ],
+    ("method",): [
+        _rule(
+            "!has(self.lora) || (has(self.type) ? self.type in ['lora', 'dora', 'qlora'] : true)",
+            "spec.method.lora: only used by lora, dora and qlora",
+            ".lora",
+        ),
+        _rule(
+            "!has(self.prefix) || (has(self.type) && self.type == 'prefix')",
+            "spec.method.prefix: only used by method type prefix",
+            ".prefix",
+        ),
+        _rule(
+            "!has(self.prompt) || (has(self.type) && self.type == 'prompt')",
+            "spec.method.prompt: only used by method type prompt",
+            ".prompt",
+        ),
+        _rule(
+            "!has(self.quantization) || !has(self.type) || self.type != 'full'",
+            "spec.method.quantization: a full fine-tune cannot train k-bit weights",
+            ".quantization",
+        ),
+    ],
+    ("method", "lora", "targetModules"): [
+        _rule(
+            "!self.exists(m, m == 'all-linear') || size(self) == 1",
+            "spec.method.lora.targetModules: 'all-linear' cannot be combined with module names",
+        )
+    ],
+}
+for _field in IMMUTABLE_SPEC_FIELDS:
+    SPEC_RULES.setdefault((_field,), []).append(
+        _rule(
+            "self == oldSelf",
+            f"spec.{_field} is immutable: create a new FineTuneJob to change the run "
+            "(suspend may still be changed)",
+        )
+    )
+
+
+def _inline_refs(node: Any, defs: dict[str, Schema]) -> Any:
+    if isinstance(node, dict):
+        if "$ref" in node:
+            target = defs[node["$ref"].rsplit("/", 1)[-1]]
+            merged = {
+                **_inline_refs(target, defs),
+                **{k: v for k, v in node.items() if k != "$ref"},
+            }
+            return _inline_refs(merged, defs)
+        return {k: _inline_refs(v, defs) for k, v in node.items() if k != "$defs"}
+    if isinstance(node, list):
+        return [_inline_refs(v, defs) for v in node]
+    return node
+
+
+def _cel_literal(value: Any) -> str:
+    return f"'{value}'" if isinstance(value, str) else repr(value).lower()
+
+
+def _branch_rule(branch: Schema) -> str:
+    """A CEL test that `self` matches one (scalar) branch of a union."""
+    if "const" in branch:
+        cel_type = {str: "string", bool: "bool", int: "int"}[type(branch["const"])]
+        return f"(type(self) == {cel_type} && self == {_cel_literal(branch['const'])})"
+    kind = branch.get("type")
+    if kind == "boolean":
+        return "type(self) == bool"
+    if kind == "integer":
+        test, value = "type(self) == int", "self"
+    elif kind == "number":
+        test, value = "(type(self) == int || type(self) == double)", "double(self)"
+    else:
+        raise ValueError(f"unsupported union branch {branch}")
+    bounds = [test]
+    as_num = (lambda x: f"{float(x)!r}") if kind == "number" else str
+    if "minimum" in branch:
+        bounds.append(f"{value} >= {as_num(branch['minimum'])}")
+    if "exclusiveMinimum" in branch:
+        bounds.append(f"{value} > {as_num(branch['exclusiveMinimum'])}")
+    if "maximum" in branch:
+        bounds.append(f"{value} <= {as_num(branch['maximum'])}")
+    return "(" + " && ".join(bounds) + ")"
+
+
+def _branch_text(branch: Schema) -> str:
+    """Words for one branch of a union, for the CEL rule's message."""
+    if "const" in branch:
+        return repr(branch["const"]) if isinstance(branch["const"], str) else str(branch["const"])
+    text = {"integer": "an integer", "number": "a number", "boolean": "true/false"}[branch["type"]]
+    low = branch.get("minimum", branch.get("exclusiveMinimum"))
+    high = branch.get("maximum")
+    if low is not None and high is not None:
+        opener = "(" if "exclusiveMinimum" in branch else "["
+        text += f" in {opener}{low}, {high}]"
+    return text
+
+
+def _union(node: Schema) -> Schema:
+    """Collapse an anyOf into something structural."""
+    branches = [b for b in node["anyOf"] if b.get("type") != "null"]
+    rest = {k: v for k, v in node.items() if k != "anyOf"}
+    if len(branches) == 1:
+        collapsed: Schema = _structural({**branches[0], **rest})
+        return collapsed
+    if all(b.get("type") in ("boolean", "integer", "number", "string") for b in branches):
+        described = {k: v for k, v in rest.items() if k == "description"}
+        rule = " || ".join(_branch_rule(b) for b in branches)
+        choices = " or ".join(_branch_text(b) for b in branches)
+        if {b.get("type") for b in branches} <= {"integer", "string"}:
+            described["x-kubernetes-int-or-string"] = True
+        else:
+            described["x-kubernetes-preserve-unknown-fields"] = True
+        described["x-kubernetes-validations"] = [_rule(rule, f"must be {choices}")]
+        return described
+    raise ValueError(f"cannot express union {node} in a structural schema")
+
+
+def _structural(node: Any) -> Any:
+    """Convert a pydantic JSON schema node into a Kubernetes structural schema node."""
+    if isinstance(node, list):
+        return [_structural(v) for v in node]
+    if not isinstance(node, dict):
+        return node
+    if "anyOf" in node:
+        return _union(node)
+    out: Schema = {}
+    for key, value in node.items():
+        if key in _DROP_KEYS or (key == "additionalProperties" and value is False):
+            continue
+        if key == "const":
+            out["enum"] = [value]
+        elif key == "exclusiveMinimum":
+            out["minimum"], out["exclusiveMinimum"] = value, True
+        elif key == "exclusiveMaximum":
+            out["maximum"], out["exclusiveMaximum"] = value, True
+        elif key == "properties":
+            out[key] = {k: _structural(v) for k, v in value.items()}
+        elif key in ("items", "additionalProperties"):
+            out[key] = _structural(value)
+        else:
+            out[key] = value
+    if "properties" in out:
+        out.setdefault("type", "object")
+    return out
+
+
+def _attach_rules(schema: Schema, rules: dict[tuple[str, ...], list[dict[str, str]]]) -> None:
+    for path, node_rules in rules.items():
+        node = schema
+        for part in path:
+            node = node["properties"][part]
+        node.setdefault("x-kubernetes-validations", []).extend(node_rules)
+
+
+def model_schema(model: type[Any]) -> Schema:
+    """The structural openAPIV3Schema of a pydantic model (camelCase, no $ref)."""
+    raw = model.model_json_schema(by_alias=True, mode="validation")
+    schema: Schema = _structural(_inline_refs(raw, raw.get("$defs", {})))
+    return schema
+
+
+def spec_schema() -> Schema:
+    """The spec schema with its CEL rules."""
+    schema = model_schema(FineTuneJobSpec)
+    _attach_rules(schema, SPEC_RULES)
+    return schema
+
+
+def _condition_column(name: str, condition: str, field: str, priority: int) -> dict[str, Any]:
+    return {
+        "name": name,
+        "type": "string",
+        "jsonPath": f'.status.conditions[?(@.type=="{condition}")].{field}',
+        "priority": priority,
+    }
+
+
+PRINTER_COLUMNS: list[dict[str, Any]] = [
+    {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+    {"name": "Progress", "type": "number", "jsonPath": ".status.progress.percent"},
+    {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss"},
+    {"name": "ETA", "type": "string", "jsonPath": ".status.progress.eta"},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    {"name": "Method", "type": "string", "jsonPath": ".spec.method.type", "priority": 1},
+    {"name": "Model", "type": "string", "jsonPath": ".spec.model.source", "priority": 1},
+    _condition_column("Failure", "Failed", "reason", 1),
+]
+
+
+def build_crd() -> dict[str, Any]:
+    """The CustomResourceDefinition as a dict."""
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {
+            "name": f"{PLURAL}.{GROUP}",
+            "labels": {"app.kubernetes.io/part-of": "finetune-operator"},
+        },
+        "spec": {
+            "group": GROUP,
+            "names": {
+                "kind": KIND,
+                "listKind": f"{KIND}List",
+                "plural": PLURAL,
+                "singular": SINGULAR,
+                "shortNames": SHORT_NAMES,
+                "categories": CATEGORIES,
+            },
+            "scope": "Namespaced",
+            "versions": [
+                {
+                    "name": VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": PRINTER_COLUMNS,
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "type": "object",
+                            "description": "A fine-tuning run of a language model, "
+                            "from dataset validation to a saved adapter.",
+                            "required": ["spec"],
+                            "properties": {
+                                "apiVersion": {"type": "string"},
+                                "kind": {"type": "string"},
+                                "metadata": {"type": "object"},
+                                "spec": spec_schema(),
+                                "status": model_schema(FineTuneJobStatus),
+                            },
+                        }
+                    },
+                }
+            ],
+        },
+    }
+
+
+HEADER = (
+    "# Generated by `python -m finetune_operator.crd` from finetune_operator.api. Do not edit.\n"
+)
+
+
+def render_crd() -> str:
+    """The CRD as YAML text, exactly as committed."""
+    return HEADER + yaml.safe_dump(build_crd(), sort_keys=False, width=100)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Write, print or check the generated CRD."""
+    parser = argparse.ArgumentParser(
+        prog="python -m finetune_operator.crd", description="Render the FineTuneJob CRD."
+    )
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--check", action="store_true", help="fail if a committed copy differs")
+    mode.add_argument("--stdout", action="store_true", help="print instead of writing")
+    args = parser.parse_args(argv)
+    text = render_crd()
+    if args.stdout:
+        sys.stdout.write(text)
+        return 0
+    stale = []
+    for path in CRD_PATHS:
+        current = path.read_text() if path.exists() else ""
+        if current == text:
+            continue
+        if args.check:
+            stale.append(path)
+            sys.stderr.writelines(
+                difflib.unified_diff(
+                    current.splitlines(True), text.splitlines(True), str(path), "generated"
+                )
+            )
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+            print(f"wrote {path.relative_to(REPO_ROOT)}")
+    if stale:
+        print(
+            "CRD out of date: run `python -m finetune_operator.crd` and commit "
+            + ", ".join(str(p.relative_to(REPO_ROOT)) for p in stale),
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

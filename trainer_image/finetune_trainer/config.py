@@ -1,0 +1,450 @@
+"""The training-run configuration: what one fine-tuning run is.
+
+Pydantic v2 models, camelCase on the wire, unknown fields rejected, numbers and lists bounded.
+The operator embeds `RunConfig` in the FineTuneJob spec and renders the CRD from it, so every
+constraint here is also the API's. Importing this module never imports torch.
+
+Cross-field validators raise ``ValueError("<sub.path>: <message>")``; `format_errors` joins the
+sub-path onto pydantic's location so every message names the full field path
+(``spec.method.quantization: ...``).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+
+URI_SCHEMES = ("hf", "pvc", "s3", "gs", "gcs", "az", "abfs", "file", "http", "https", "pkg")
+_SCHEME_RE = re.compile(r"^([a-z][a-z0-9+.-]*)://")
+
+
+class SpecModel(BaseModel):
+    """Base of every spec model: camelCase aliases, unknown fields rejected."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        validate_default=True,
+    )
+
+
+def check_uri(value: str) -> str:
+    """Accept a local path or a URI with a supported scheme; reject anything else."""
+    match = _SCHEME_RE.match(value)
+    if match and match.group(1) not in URI_SCHEMES:
+        raise ValueError(
+            f"unsupported URI scheme {match.group(1)!r}; use one of "
+            + ", ".join(f"{s}://" for s in URI_SCHEMES)
+            + " or a local path"
+        )
+    if match and len(value) == len(match.group(0)):
+        raise ValueError(f"URI {value!r} has a scheme but no location")
+    return value
+
+
+Uri = Annotated[str, Field(min_length=1, max_length=2048), AfterValidator(check_uri)]
+Auto = Literal["auto"]
+
+
+# --------------------------------------------------------------------------------------------
+# model
+# --------------------------------------------------------------------------------------------
+class ModelSpec(SpecModel):
+    """The base model to fine-tune."""
+
+    source: Uri = Field(
+        description="Where the base model is: hf://org/name, pvc://claim/path, s3://bucket/prefix, "
+        "a local directory, a local .gguf file (dequantized on load), or "
+        "pkg://python_package/file for a model shipped inside an installed Python package."
+    )
+    revision: str | None = Field(
+        default=None, max_length=256, description="Hub revision (branch, tag or commit) for hf://."
+    )
+    trust_remote_code: bool = Field(
+        default=False,
+        description="Run model code shipped with the checkpoint. Off unless the platform allows it.",
+    )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        default="auto",
+        description="Weight dtype when loading; auto follows training.precision.",
+    )
+    attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        default="auto",
+        description="Attention kernel; auto uses flash_attention_2 when installed, else sdpa.",
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# dataset
+# --------------------------------------------------------------------------------------------
+DatasetFormat = Literal["auto", "alpaca", "chat", "completion", "text", "classification"]
+
+
+class ChatMessage(SpecModel):
+    """One message of an inline chat record."""
+
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=65536)
+
+
+class InlineRecord(SpecModel):
+    """One inline training record; which fields are set depends on the dataset format."""
+
+    instruction: str | None = Field(default=None, max_length=65536)
+    input: str | None = Field(default=None, max_length=65536)
+    output: str | None = Field(default=None, max_length=65536)
+    prompt: str | None = Field(default=None, max_length=65536)
+    completion: str | None = Field(default=None, max_length=65536)
+    text: str | None = Field(default=None, max_length=65536)
+    label: str | None = Field(default=None, max_length=256)
+    messages: list[ChatMessage] | None = Field(default=None, max_length=256)
+
+
+class SplitSpec(SpecModel):
+    """A held-out split: its own source, or a fraction of the training data."""
+
+    source: Uri | None = Field(default=None, description="File or URI of this split.")
+    split_ratio: float | None = Field(
+        default=None,
+        gt=0.0,
+        le=0.5,
+        description="Fraction of the training records held out for this split (seeded).",
+    )
+
+    @model_validator(mode="after")
+    def _one_of(self) -> SplitSpec:
+        if (self.source is None) == (self.split_ratio is None):
+            raise ValueError("source: set exactly one of source or splitRatio")
+        return self
+
+
+class DatasetSpec(SpecModel):
+    """Training data: where it is, its format, how it is checked, split and tokenized."""
+
+    source: Uri | None = Field(
+        default=None,
+        description="JSONL/JSON/CSV/Parquet file or URI (file://, pvc://, s3://, hf://datasets/...).",
+    )
+    inline: list[InlineRecord] | None = Field(
+        default=None, min_length=1, max_length=1000, description="Records given in the spec."
+    )
+    format: DatasetFormat = Field(
+        default="auto", description="Record format; auto detects it from the fields."
+    )
+    validation: SplitSpec | None = Field(default=None, description="Validation split.")
+    test: SplitSpec | None = Field(default=None, description="Test split (evaluated at the end).")
+    max_seq_length: int = Field(
+        default=1024, ge=16, le=131072, description="Maximum tokens per example."
+    )
+    template: str | None = Field(
+        default=None,
+        max_length=16384,
+        description="Chat template (Jinja) or 'chatml'; default: the tokenizer's, ChatML fallback.",
+    )
+    system_prompt: str | None = Field(
+        default=None,
+        max_length=16384,
+        description="System message prepended to chat records that have none.",
+    )
+    packing: bool = Field(
+        default=False,
+        description="Pack examples into padding-free batches (position_ids, varlen attention).",
+    )
+    completion_only_loss: bool | None = Field(
+        default=None,
+        description="Loss on completion/assistant tokens only. Default: on where the format "
+        "has a prompt/completion boundary (not text).",
+    )
+    duplicates: Literal["drop", "keep"] = Field(
+        default="drop", description="What to do with exact duplicate records."
+    )
+    overlong: Literal["truncate", "drop", "error"] = Field(
+        default="truncate", description="What to do with examples longer than maxSeqLength."
+    )
+    labels: list[Annotated[str, Field(max_length=256)]] | None = Field(
+        default=None,
+        min_length=2,
+        max_length=1000,
+        description="Classification label set, in id order; default: sorted labels found.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> DatasetSpec:
+        if (self.source is None) == (self.inline is None):
+            raise ValueError("source: set exactly one of source or inline")
+        if self.completion_only_loss and self.format == "text":
+            raise ValueError(
+                "completionOnlyLoss: plain text has no prompt/completion boundary; "
+                "set it to false or use alpaca, chat or completion format"
+            )
+        if self.labels is not None and self.format not in ("auto", "classification"):
+            raise ValueError("labels: only used by the classification format")
+        if self.labels is not None and len(set(self.labels)) != len(self.labels):
+            raise ValueError("labels: contains duplicates")
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# method
+# --------------------------------------------------------------------------------------------
+MethodType = Literal["full", "lora", "dora", "qlora", "prefix", "prompt", "ia3"]
+LORA_METHODS = ("lora", "dora", "qlora")
+PEFT_METHODS = ("lora", "dora", "qlora", "prefix", "prompt", "ia3")
+ALL_LINEAR = "all-linear"
+
+
+class LoraSpec(SpecModel):
+    """LoRA / DoRA / QLoRA adapter shape."""
+
+    r: int = Field(default=16, ge=1, le=1024, description="Adapter rank.")
+    alpha: int = Field(default=32, ge=1, le=4096, description="Scaling numerator (alpha / r).")
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0, description="Dropout on adapter input.")
+    target_modules: list[Annotated[str, Field(min_length=1, max_length=128)]] = Field(
+        default_factory=lambda: [ALL_LINEAR],
+        min_length=1,
+        max_length=64,
+        description="Module names to adapt, or [all-linear] for every linear layer but the head.",
+    )
+    use_rslora: bool = Field(default=False, description="Rank-stabilised scaling alpha/sqrt(r).")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _all_linear_alone(cls, value: list[str]) -> list[str]:
+        if ALL_LINEAR in value and len(value) > 1:
+            raise ValueError(f"{ALL_LINEAR!r} cannot be combined with explicit module names")
+        return value
+
+
+class QuantizationSpec(SpecModel):
+    """bitsandbytes k-bit loading of the frozen base model (QLoRA)."""
+
+    bits: Literal[4, 8] = Field(default=4, description="Load the base model in 4 or 8 bits.")
+    quant_type: Literal["nf4", "fp4"] = Field(default="nf4", description="4-bit data type.")
+    double_quant: bool = Field(default=True, description="Quantize the quantization constants.")
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        default="auto", description="Matmul dtype; auto follows training.precision."
+    )
+
+
+class PrefixSpec(SpecModel):
+    """Prefix tuning: trainable key/value prefixes on every layer."""
+
+    num_virtual_tokens: int = Field(default=20, ge=1, le=512)
+
+
+class PromptSpec(SpecModel):
+    """Prompt tuning: trainable soft-prompt embeddings."""
+
+    num_virtual_tokens: int = Field(default=20, ge=1, le=512)
+    init_text: str | None = Field(
+        default=None, max_length=4096, description="Initialise the soft prompt from this text."
+    )
+
+
+class MethodSpec(SpecModel):
+    """Which weights are trained and how."""
+
+    type: MethodType = Field(default="lora", description="Fine-tuning method.")
+    lora: LoraSpec | None = Field(default=None, description="Adapter shape for lora/dora/qlora.")
+    quantization: QuantizationSpec | None = Field(
+        default=None, description="k-bit loading of the base; qlora defaults to 4-bit nf4."
+    )
+    prefix: PrefixSpec | None = Field(default=None, description="Settings for prefix tuning.")
+    prompt: PromptSpec | None = Field(default=None, description="Settings for prompt tuning.")
+
+    @model_validator(mode="after")
+    def _check(self) -> MethodSpec:
+        if self.lora is not None and self.type not in LORA_METHODS:
+            raise ValueError(f"lora: only used by lora, dora and qlora, not {self.type}")
+        if self.prefix is not None and self.type != "prefix":
+            raise ValueError(f"prefix: only used by method type prefix, not {self.type}")
+        if self.prompt is not None and self.type != "prompt":
+            raise ValueError(f"prompt: only used by method type prompt, not {self.type}")
+        if self.quantization is not None and self.type == "full":
+            raise ValueError(
+                "quantization: a full fine-tune cannot train k-bit weights; "
+                "use type qlora (or lora with quantization)"
+            )
+        if self.type == "qlora" and self.quantization is None:
+            self.quantization = QuantizationSpec()
+        if self.type in LORA_METHODS and self.lora is None:
+            self.lora = LoraSpec()
+        if self.type == "prefix" and self.prefix is None:
+            self.prefix = PrefixSpec()
+        if self.type == "prompt" and self.prompt is None:
+            self.prompt = PromptSpec()
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# training
+# --------------------------------------------------------------------------------------------
+class EarlyStoppingSpec(SpecModel):
+    """Stop when the eval metric has not improved for `patience` evaluations."""
+
+    patience: int = Field(default=3, ge=1, le=100)
+    metric: Literal["eval_loss", "eval_accuracy"] = Field(default="eval_loss")
+    threshold: float = Field(default=0.0, ge=0.0, le=1.0, description="Minimum improvement.")
+
+
+class TrainingSpec(SpecModel):
+    """Optimisation hyperparameters. `auto` values follow the rules in docs/training.md."""
+
+    epochs: Annotated[int, Field(ge=1, le=1000)] | Auto = Field(
+        default="auto", description="Passes over the data, or auto (from dataset size)."
+    )
+    max_steps: int | None = Field(
+        default=None, ge=1, le=10_000_000, description="Stop after this many optimizer steps."
+    )
+    learning_rate: Annotated[float, Field(gt=0.0, le=1.0)] | Auto = Field(
+        default="auto", description="Peak learning rate, or auto (from the method)."
+    )
+    batch_size: Annotated[int, Field(ge=1, le=4096)] | Auto = Field(
+        default="auto", description="Per-device batch size, or auto (largest that fits)."
+    )
+    gradient_accumulation_steps: int = Field(default=1, ge=1, le=1024)
+    warmup_ratio: float = Field(default=0.03, ge=0.0, le=0.5)
+    scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    weight_decay: float = Field(default=0.0, ge=0.0, le=1.0)
+    max_grad_norm: float = Field(default=1.0, gt=0.0, le=100.0)
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        default="auto", description="auto: bf16 where supported, else fp16 on GPU, fp32 on CPU."
+    )
+    gradient_checkpointing: bool | Auto = Field(
+        default="auto", description="Recompute activations; auto turns it on for large models."
+    )
+    seed: int = Field(default=42, ge=0, le=2**31 - 1)
+    logging_steps: int = Field(default=10, ge=1, le=100_000)
+    eval_steps: int | None = Field(
+        default=None,
+        ge=1,
+        le=10_000_000,
+        description="Evaluate every N steps (default: per epoch).",
+    )
+    save_steps: int = Field(
+        default=100, ge=1, le=10_000_000, description="Checkpoint every N steps."
+    )
+    save_total_limit: int = Field(
+        default=3, ge=1, le=100, description="Checkpoints kept, plus the best one."
+    )
+    early_stopping: EarlyStoppingSpec | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# output and the whole run
+# --------------------------------------------------------------------------------------------
+class OutputSpec(SpecModel):
+    """Where the run writes checkpoints, the adapter, metrics and the model card."""
+
+    uri: Uri = Field(
+        description="Output location: a local path, pvc://claim/path, s3://bucket/prefix or "
+        "hf://org/repo (pushed at the end)."
+    )
+    merge_adapter: bool = Field(
+        default=False, description="Also write merged/ (base + adapter), e.g. for vLLM."
+    )
+
+
+TaskType = Literal["causal-lm", "sequence-classification"]
+
+
+class RunConfig(SpecModel):
+    """One fine-tuning run: the part of a FineTuneJob spec the trainer needs."""
+
+    model: ModelSpec
+    dataset: DatasetSpec
+    task: TaskType = Field(default="causal-lm", description="Training objective.")
+    method: MethodSpec = Field(default_factory=MethodSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    output: OutputSpec
+
+    @model_validator(mode="after")
+    def _check(self) -> RunConfig:
+        fmt = self.dataset.format
+        if self.task == "sequence-classification":
+            if fmt not in ("auto", "classification"):
+                raise ValueError(
+                    f"dataset.format: sequence-classification needs classification data "
+                    f"(text/label), not {fmt}"
+                )
+            if self.dataset.packing:
+                raise ValueError("dataset.packing: not used by sequence-classification")
+        elif fmt == "classification":
+            raise ValueError(
+                "dataset.format: classification data needs task sequence-classification"
+            )
+        if self.output.merge_adapter and self.method.type in ("full", "prefix", "prompt"):
+            raise ValueError(
+                f"output.mergeAdapter: a {self.method.type} run has no adapter weights to merge"
+            )
+        needs_eval = self.training.early_stopping is not None or self.training.eval_steps
+        if needs_eval and self.dataset.validation is None:
+            field = "earlyStopping" if self.training.early_stopping else "evalSteps"
+            raise ValueError(f"training.{field}: needs a validation split (set dataset.validation)")
+        es = self.training.early_stopping
+        if es and es.metric == "eval_accuracy" and self.task != "sequence-classification":
+            raise ValueError(
+                "training.earlyStopping.metric: eval_accuracy is only computed for "
+                "sequence-classification"
+            )
+        return self
+
+
+def _loc_to_path(loc: tuple[int | str, ...]) -> str:
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path
+
+
+_SUBPATH_RE = re.compile(r"^(?:Value error, )?([A-Za-z][\w.\[\]]*): (.*)$", re.S)
+
+
+def format_errors(exc: ValidationError, prefix: str = "") -> list[str]:
+    """Render a ValidationError as ``field.path: message`` lines (camelCase, with `prefix`)."""
+    lines = []
+    for err in exc.errors():
+        loc = tuple(p for p in err["loc"] if not str(p).startswith(("function-", "literal[")))
+        path = _loc_to_path(((prefix,) if prefix else ()) + loc)
+        message = err["msg"]
+        match = _SUBPATH_RE.match(message) if err["type"] == "value_error" else None
+        if match:
+            path = f"{path}.{match.group(1)}" if path else match.group(1)
+            message = match.group(2)
+        elif message.startswith("Value error, "):
+            message = message.removeprefix("Value error, ")
+        lines.append(f"{path}: {message}" if path else message)
+    return lines
+
+
+class ConfigError(ValueError):
+    """An invalid run config or manifest; `errors` holds one ``path: message`` line each."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+def parse_run_config(data: dict[str, Any], prefix: str = "") -> RunConfig:
+    """Validate `data` as a RunConfig, raising ConfigError with field-path messages."""
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_errors(exc, prefix)) from None
+
+
+def run_field_names() -> set[str]:
+    """The camelCase keys of a RunConfig (to tell run fields from placement fields)."""
+    return {f.alias or name for name, f in RunConfig.model_fields.items()}

@@ -1,0 +1,136 @@
+"""The trainer -> operator contract (DESIGN.md section 5): progress, final summary, exit codes.
+
+Pure pydantic, no torch: the operator imports this module to read what the trainer reports.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from enum import IntEnum, StrEnum
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+PROGRESS_PORT = 8080
+PROGRESS_PATH = "/progress"
+CONFIG_PATH = "/etc/finetune/config.json"
+TERMINATION_MESSAGE_PATH = "/dev/termination-log"
+TERMINATION_MESSAGE_MAX_BYTES = 4096
+MAX_REPORTED_CHECKPOINTS = 20
+
+
+class ExitCode(IntEnum):
+    """Trainer exit codes: the operator's podFailurePolicy keys on these."""
+
+    SUCCEEDED = 0
+    FAILED = 1
+    INVALID_INPUT = 65  # bad config or dataset: permanent, never retried (EX_DATAERR)
+    PREEMPTED = 75  # SIGTERM, checkpoint saved: retry and resume (EX_TEMPFAIL)
+
+
+class Phase(StrEnum):
+    """What the trainer is doing now."""
+
+    STARTING = "starting"
+    VALIDATING_DATA = "validating-data"
+    LOADING_MODEL = "loading-model"
+    TRAINING = "training"
+    EVALUATING = "evaluating"
+    SAVING = "saving"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    PREEMPTED = "preempted"
+
+
+class WireModel(BaseModel):
+    """camelCase JSON models that tolerate fields added by newer trainers."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+    def to_json(self) -> str:
+        """Compact camelCase JSON without unset optional fields."""
+        return self.model_dump_json(by_alias=True, exclude_none=True)
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware UTC, to the second."""
+    return datetime.now(UTC).replace(microsecond=0)
+
+
+class CheckpointInfo(WireModel):
+    """A complete checkpoint in the output location."""
+
+    step: int = Field(ge=0)
+    uri: str
+    eval_loss: float | None = None
+    time: datetime
+    best: bool = False
+
+
+class Progress(WireModel):
+    """`GET /progress`: a live snapshot of the run."""
+
+    phase: Phase = Phase.STARTING
+    message: str | None = None
+    step: int = 0
+    total_steps: int | None = None
+    epoch: float | None = None
+    percent: float | None = Field(default=None, ge=0, le=100)
+    loss: float | None = None
+    eval_loss: float | None = None
+    learning_rate: float | None = None
+    tokens_per_second: float | None = None
+    eta_seconds: float | None = None
+    trained_tokens: int | None = None
+    checkpoints: list[CheckpointInfo] = Field(default_factory=list)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class Outcome(StrEnum):
+    """How a run ended."""
+
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    INVALID_INPUT = "InvalidInput"
+    PREEMPTED = "Preempted"
+
+
+class Summary(WireModel):
+    """The final summary written to the termination-message file (at most 4 KiB)."""
+
+    outcome: Outcome
+    reason: str | None = None
+    message: str | None = None
+    adapter_uri: str | None = None
+    merged_model_uri: str | None = None
+    output_uri: str | None = None
+    last_checkpoint: CheckpointInfo | None = None
+    metrics: dict[str, float] = Field(default_factory=dict)
+    trainable_params: int | None = None
+    total_params: int | None = None
+    trained_tokens: int | None = None
+    steps: int | None = None
+
+    def to_termination_message(self) -> str:
+        """Serialise within TERMINATION_MESSAGE_MAX_BYTES, shortening the message if needed."""
+        text = self.to_json()
+        if len(text.encode()) <= TERMINATION_MESSAGE_MAX_BYTES:
+            return text
+        overflow = len(text.encode()) - TERMINATION_MESSAGE_MAX_BYTES
+        message = (self.message or "").encode()[: max(0, len(self.message or "") - overflow - 16)]
+        short = self.model_copy(update={"message": message.decode(errors="ignore") + " [...]"})
+        text = short.to_json()
+        if len(text.encode()) > TERMINATION_MESSAGE_MAX_BYTES:
+            text = short.model_copy(update={"metrics": {}, "message": None}).to_json()
+        return text
+
+    @classmethod
+    def from_termination_message(cls, text: str | None) -> Summary | None:
+        """Parse a termination message; None when absent or not ours (e.g. a crash trace)."""
+        if not text:
+            return None
+        try:
+            return cls.model_validate(json.loads(text))
+        except (ValueError, TypeError):
+            return None
