@@ -12,11 +12,19 @@ from enum import IntEnum, StrEnum
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
+# Environment the operator sets on the trainer container (defaults are the in-cluster values).
+ENV_CONFIG = "FINETUNE_CONFIG"  # path of the run-config JSON
+ENV_PROGRESS_PORT = "FINETUNE_PROGRESS_PORT"  # port of GET /progress (0 disables the server)
+ENV_TERMINATION_PATH = "FINETUNE_TERMINATION_MESSAGE_PATH"  # where the final summary goes
+ENV_PVC_ROOT = "FINETUNE_PVC_ROOT"  # pvc://CLAIM/path resolves to $FINETUNE_PVC_ROOT/CLAIM/path
+ENV_HF_TOKEN = "HF_TOKEN"  # Hugging Face token (from a referenced Secret)
+
+CONFIG_PATH = "/etc/finetune/config.json"
 PROGRESS_PORT = 8080
 PROGRESS_PATH = "/progress"
-CONFIG_PATH = "/etc/finetune/config.json"
 TERMINATION_MESSAGE_PATH = "/dev/termination-log"
 TERMINATION_MESSAGE_MAX_BYTES = 4096
+PVC_ROOT = "/mnt/pvc"
 MAX_REPORTED_CHECKPOINTS = 20
 
 
