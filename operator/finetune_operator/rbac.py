@@ -1,0 +1,53 @@
+"""The Kubernetes permissions the operator needs: the chart's RBAC is tested against this.
+
+Keep it exact: every API call the operator (kopf included) makes must be covered here, and
+nothing more. No wildcards.
+"""
+
+from __future__ import annotations
+
+from typing import TypedDict
+
+from finetune_operator.api import GROUP, PLURAL
+
+
+class PolicyRule(TypedDict):
+    """One rbac.authorization.k8s.io/v1 PolicyRule."""
+
+    apiGroups: list[str]
+    resources: list[str]
+    verbs: list[str]
+
+
+# Rules the operator needs in every namespace it watches.
+NAMESPACED_RULES: list[PolicyRule] = [
+    {
+        "apiGroups": [GROUP],
+        "resources": [PLURAL],
+        "verbs": ["get", "list", "watch", "patch", "delete"],
+    },
+    {"apiGroups": [GROUP], "resources": [f"{PLURAL}/status"], "verbs": ["get", "patch"]},
+    {"apiGroups": [GROUP], "resources": [f"{PLURAL}/finalizers"], "verbs": ["update"]},
+    {
+        "apiGroups": ["batch"],
+        "resources": ["jobs"],
+        "verbs": ["get", "list", "watch", "create", "patch", "delete"],
+    },
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+    {
+        "apiGroups": [""],
+        "resources": ["configmaps"],
+        "verbs": ["get", "list", "watch", "create", "patch", "delete"],
+    },
+    {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]},
+    {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
+]
+
+# Cluster-scoped rules (kopf discovers the CRD at start-up).
+CLUSTER_RULES: list[PolicyRule] = [
+    {
+        "apiGroups": ["apiextensions.k8s.io"],
+        "resources": ["customresourcedefinitions"],
+        "verbs": ["get", "list", "watch"],
+    },
+]
