@@ -6,7 +6,8 @@
 
 The pydantic JSON schema is turned into a Kubernetes *structural* schema: $refs inlined,
 optional unions collapsed, `int | "auto"` as int-or-string, other scalar unions as
-untyped nodes guarded by a CEL rule, and the cross-field rules the API needs as
+untyped nodes (checked by the operator's model: the API server allows no CEL rule on
+an untyped node), and the cross-field rules the API needs as
 `x-kubernetes-validations` (including immutability of the training part of the spec).
 """
 
@@ -230,9 +231,14 @@ def _union(node: Schema) -> Schema:
         choices = " or ".join(_branch_text(b) for b in branches)
         if {b.get("type") for b in branches} <= {"integer", "string"}:
             described["x-kubernetes-int-or-string"] = True
+            described["x-kubernetes-validations"] = [_rule(rule, f"must be {choices}")]
         else:
+            # An untyped node has no CEL type: the API server refuses a CRD with rules on it
+            # ("failed to retrieve type information for x-kubernetes-validations"), so the
+            # value is checked by the operator's model only.
             described["x-kubernetes-preserve-unknown-fields"] = True
-        described["x-kubernetes-validations"] = [_rule(rule, f"must be {choices}")]
+            text = described.get("description", "")
+            described["description"] = f"{text} Must be {choices}.".strip()
         return described
     raise ValueError(f"cannot express union {node} in a structural schema")
 
