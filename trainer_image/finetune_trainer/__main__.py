@@ -1,0 +1,52 @@
+"""Container entrypoint: `python -m finetune_trainer` (DESIGN.md section 5).
+
+Reads the run config from $FINETUNE_CONFIG, serves progress on $FINETUNE_PROGRESS_PORT, runs,
+writes the summary to the termination-message file and exits with the contract's exit code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from finetune_trainer.config import ConfigError, parse_run_config
+from finetune_trainer.progress import (
+    CONFIG_PATH,
+    ENV_CONFIG,
+    ENV_PROGRESS_PORT,
+    PROGRESS_PORT,
+    ExitCode,
+    Outcome,
+    Summary,
+)
+from finetune_trainer.reporting import exit_code, run_reported, write_termination_message
+from finetune_trainer.runner import RunContext, scratch_from_env
+
+
+def main() -> int:
+    """Run the configured fine-tuning; return the process exit code."""
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stdout,
+    )
+    config_path = Path(os.environ.get(ENV_CONFIG, CONFIG_PATH))
+    try:
+        run = parse_run_config(json.loads(config_path.read_text()))
+    except (OSError, ValueError) as exc:
+        errors = exc.errors if isinstance(exc, ConfigError) else [f"{config_path}: {exc}"]
+        write_termination_message(
+            Summary(outcome=Outcome.INVALID_INPUT, reason="InvalidConfig", message="\n".join(errors))
+        )
+        print("invalid run config:\n  " + "\n  ".join(errors), file=sys.stderr)
+        return int(ExitCode.INVALID_INPUT)
+    ctx = RunContext(name=os.environ.get("FINETUNE_JOB_NAME", "finetune"), scratch=scratch_from_env())
+    summary = run_reported(run, ctx, progress_port=int(os.environ.get(ENV_PROGRESS_PORT, PROGRESS_PORT)))
+    return int(exit_code(summary))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,102 @@
+"""Resolve `auto` hyperparameters into concrete values (rules documented in docs/training.md)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from finetune_trainer.config import RunConfig
+
+log = logging.getLogger(__name__)
+
+Precision = Literal["bf16", "fp16", "fp32"]
+
+# Peak learning rate by method when `learningRate: auto` (common defaults of the peft/trl docs).
+AUTO_LEARNING_RATE = {
+    "full": 2e-5,
+    "lora": 2e-4,
+    "dora": 2e-4,
+    "qlora": 2e-4,
+    "ia3": 3e-3,
+    "prefix": 1e-2,
+    "prompt": 3e-2,
+}
+CPU_AUTO_BATCH = 8
+GPU_AUTO_BATCH_START = 64
+
+
+def auto_epochs(n_train: int) -> int:
+    """3 epochs under 10k examples, 2 under 100k, else 1 (small sets need more passes)."""
+    if n_train < 10_000:
+        return 3
+    return 2 if n_train < 100_000 else 1
+
+
+def resolve_precision(requested: str, device: str) -> Precision:
+    """auto: bf16 where supported, else fp16 on GPU, fp32 on CPU."""
+    if requested != "auto":
+        return requested  # type: ignore[return-value]
+    if device != "cuda":
+        return "fp32"
+    import torch
+
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def probe_batch_size(model: Any, seq_len: int, start: int) -> int:
+    """Largest batch (halving from `start`) whose forward+backward at `seq_len` fits in memory,
+    found by trying, as accelerate's find_executable_batch_size does."""
+    import torch
+    from accelerate.utils import find_executable_batch_size
+
+    device = next(model.parameters()).device
+
+    @find_executable_batch_size(starting_batch_size=start)  # type: ignore[misc]
+    def attempt(batch_size: int) -> int:
+        ids = torch.zeros((batch_size, seq_len), dtype=torch.long, device=device)
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        model.zero_grad(set_to_none=True)
+        return batch_size
+
+    found: int = attempt()
+    torch.cuda.empty_cache()
+    return found
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """Concrete hyperparameters for one run."""
+
+    epochs: float
+    learning_rate: float
+    batch_size: int | None  # None: probe on GPU once the model is loaded
+    precision: Precision
+    gradient_checkpointing: bool
+
+
+def resolve(run: RunConfig, n_train: int, device: str, model_params: int | None = None) -> Resolved:
+    """Resolve every `auto` that does not need the loaded model."""
+    t = run.training
+    epochs = float(auto_epochs(n_train) if t.epochs == "auto" else t.epochs)
+    lr = AUTO_LEARNING_RATE[run.method.type] if t.learning_rate == "auto" else float(t.learning_rate)
+    if t.batch_size != "auto":
+        batch: int | None = int(t.batch_size)
+    elif device == "cuda":
+        batch = None
+    else:
+        batch = min(CPU_AUTO_BATCH, max(n_train, 1))
+    if t.gradient_checkpointing == "auto":
+        # On GPU, recompute activations for models of 3B+ parameters, where activations of a
+        # useful batch no longer fit beside the weights; never on CPU (it only costs time).
+        checkpointing = device == "cuda" and (model_params or 0) >= 3_000_000_000
+    else:
+        checkpointing = bool(t.gradient_checkpointing)
+    return Resolved(
+        epochs=epochs,
+        learning_rate=lr,
+        batch_size=batch,
+        precision=resolve_precision(t.precision, device),
+        gradient_checkpointing=checkpointing,
+    )

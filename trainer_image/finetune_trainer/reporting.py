@@ -1,0 +1,81 @@
+"""Run with the contract's reporting: progress server, SIGTERM handling, error mapping,
+termination message and exit code. Shared by the container entrypoint and `finetune run`."""
+
+from __future__ import annotations
+
+import logging
+import os
+import traceback
+from pathlib import Path
+
+from finetune_trainer.config import RunConfig
+from finetune_trainer.progress import (
+    ENV_TERMINATION_PATH,
+    TERMINATION_MESSAGE_PATH,
+    ExitCode,
+    Outcome,
+    Phase,
+    Summary,
+)
+from finetune_trainer.runner import InvalidInput, RunContext, execute
+from finetune_trainer.server import ProgressServer
+
+log = logging.getLogger(__name__)
+
+
+def write_termination_message(summary: Summary) -> Path | None:
+    """Write the final summary (<= 4 KiB) where the kubelet reads the termination message."""
+    path = Path(os.environ.get(ENV_TERMINATION_PATH, TERMINATION_MESSAGE_PATH))
+    try:
+        path.write_text(summary.to_termination_message())
+    except OSError as exc:  # e.g. running locally without /dev/termination-log
+        log.debug("no termination message written to %s: %s", path, exc)
+        return None
+    return path
+
+
+def exit_code(summary: Summary) -> ExitCode:
+    """The exit code the operator expects for a run's outcome."""
+    return {
+        Outcome.SUCCEEDED: ExitCode.SUCCEEDED,
+        Outcome.INVALID_INPUT: ExitCode.INVALID_INPUT,
+        Outcome.PREEMPTED: ExitCode.PREEMPTED,
+    }.get(summary.outcome, ExitCode.FAILED)
+
+
+def _failure(exc: BaseException) -> Summary:
+    if isinstance(exc, InvalidInput):
+        return Summary(outcome=Outcome.INVALID_INPUT, reason="InvalidInput", message=str(exc))
+    name = type(exc).__name__
+    if "OutOfMemory" in name:
+        return Summary(
+            outcome=Outcome.FAILED,
+            reason="OutOfMemory",
+            message=f"{exc}. Lower training.batchSize or dataset.maxSeqLength, enable "
+            "training.gradientCheckpointing, or use qlora.",
+        )
+    return Summary(outcome=Outcome.FAILED, reason="TrainerError", message=f"{name}: {exc}")
+
+
+def run_reported(run: RunConfig, ctx: RunContext, *, progress_port: int | None) -> Summary:
+    """Execute the run, never raising: every outcome becomes a Summary (also written to the
+    termination-message file). `progress_port` None or 0 serves no /progress."""
+    ctx.preemption.install()
+    server = ProgressServer(ctx.tracker, progress_port).start() if progress_port else None
+    try:
+        summary = execute(run, ctx)
+    except Exception as exc:  # every failure must still produce a summary and an exit code
+        summary = _failure(exc)
+        if summary.outcome == Outcome.FAILED:
+            log.error("run failed:\n%s", traceback.format_exc())
+        else:
+            log.error("invalid input: %s", exc)
+    final = {
+        Outcome.SUCCEEDED: Phase.SUCCEEDED,
+        Outcome.PREEMPTED: Phase.PREEMPTED,
+    }.get(summary.outcome, Phase.FAILED)
+    ctx.tracker.phase(final, summary.message)
+    write_termination_message(summary)
+    if server:
+        server.close()
+    return summary

@@ -1,0 +1,354 @@
+"""One fine-tuning run, start to finish: data -> model -> method -> train -> evaluate -> save.
+
+`execute()` is shared by the container entrypoint (`python -m finetune_trainer`) and the local
+CLI (`finetune run`); it reports through a `ProgressTracker` and returns a `Summary`.
+Errors the user must fix (config, dataset, model source) raise `InvalidInput`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from finetune_trainer import hyper, storage
+from finetune_trainer.callbacks import PreemptionFlag, RunCallback
+from finetune_trainer.checkpoints import CheckpointStore
+from finetune_trainer.config import ConfigError, RunConfig
+from finetune_trainer.methods import MethodError, ParamCount, apply_method, count_parameters
+from finetune_trainer.models import (
+    LocalModel,
+    ModelLoadError,
+    fetch_model,
+    load_model,
+    load_tokenizer,
+    torch_dtype,
+)
+from finetune_trainer.outputs import (
+    plot_loss,
+    save_adapter,
+    save_merged,
+    write_metrics,
+    write_model_card,
+)
+from finetune_trainer.progress import Outcome, Phase, Summary
+from finetune_trainer.tracker import ProgressTracker
+
+log = logging.getLogger(__name__)
+
+ARTIFACTS = ("adapter", "merged", "metrics.json", "history.jsonl", "loss.png", "README.md")
+
+
+class InvalidInput(Exception):
+    """The run cannot succeed as configured (bad config, dataset or model source)."""
+
+
+@dataclass
+class RunContext:
+    """Where a run writes and how it is observed."""
+
+    name: str
+    tracker: ProgressTracker = field(default_factory=ProgressTracker)
+    preemption: PreemptionFlag = field(default_factory=PreemptionFlag)
+    scratch: Path | None = None
+
+
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _local_output(run: RunConfig, ctx: RunContext) -> Path:
+    if storage.is_local(run.output.uri):
+        path = Path(storage.resolve(run.output.uri))
+    else:
+        base = ctx.scratch or Path(tempfile.gettempdir()) / "finetune-run"
+        path = base / ctx.name / "output"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _load_dtype(run: RunConfig, precision: str) -> Any:
+    if run.model.dtype != "auto":
+        return torch_dtype(run.model.dtype)
+    if precision == "bf16":
+        return torch_dtype("bf16")
+    if precision == "fp16" and run.method.type != "full":
+        return torch_dtype("fp16")  # frozen base in fp16; peft keeps adapters in fp32
+    return torch_dtype("fp32")
+
+
+def _training_args(
+    run: RunConfig, hp: hyper.Resolved, batch_size: int, out_dir: Path, has_eval: bool
+) -> dict[str, Any]:
+    t = run.training
+    device = _device()
+    eval_strategy = "no"
+    eval_steps = None
+    if has_eval:
+        eval_strategy = "steps" if (t.eval_steps or t.early_stopping) else "epoch"
+        eval_steps = t.eval_steps or (t.save_steps if t.early_stopping else None)
+    args: dict[str, Any] = {
+        "output_dir": str(out_dir),
+        "num_train_epochs": hp.epochs,
+        "max_steps": t.max_steps or -1,
+        "per_device_train_batch_size": batch_size,
+        "per_device_eval_batch_size": batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "learning_rate": hp.learning_rate,
+        "lr_scheduler_type": t.scheduler,
+        "warmup_steps": t.warmup_ratio,
+        "weight_decay": t.weight_decay,
+        "max_grad_norm": t.max_grad_norm,
+        "bf16": hp.precision == "bf16",
+        "fp16": hp.precision == "fp16",
+        "use_cpu": device == "cpu",
+        "gradient_checkpointing": hp.gradient_checkpointing,
+        "seed": t.seed,
+        "data_seed": t.seed,
+        "logging_steps": t.logging_steps,
+        "eval_strategy": eval_strategy,
+        "eval_steps": eval_steps,
+        "save_strategy": "steps",
+        "save_steps": t.save_steps,
+        "save_total_limit": t.save_total_limit,
+        "metric_for_best_model": (t.early_stopping.metric if t.early_stopping else "eval_loss")
+        if has_eval
+        else None,
+        "greater_is_better": bool(t.early_stopping and t.early_stopping.metric == "eval_accuracy"),
+        "load_best_model_at_end": t.early_stopping is not None,
+        "report_to": "none",
+        "disable_tqdm": True,
+        "include_num_input_tokens_seen": "non_padding",
+        "optim": "adamw_torch_fused" if device == "cuda" else "adamw_torch",
+        "dataloader_num_workers": 0,
+    }
+    if device == "cuda":
+        args["tf32"] = True
+    return args
+
+
+def _build_trainer(
+    run: RunConfig,
+    model: Any,
+    tokenizer: Any,
+    prepared: Any,
+    args: dict[str, Any],
+    callbacks: list[Any],
+) -> Any:
+    from transformers import EarlyStoppingCallback
+
+    es = run.training.early_stopping
+    if es is not None:
+        callbacks = [
+            *callbacks,
+            EarlyStoppingCallback(
+                early_stopping_patience=es.patience, early_stopping_threshold=es.threshold
+            ),
+        ]
+    if run.task == "sequence-classification":
+        import numpy as np
+        from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+
+        def accuracy(pred: Any) -> dict[str, float]:
+            logits, labels = pred
+            return {"accuracy": float((np.argmax(logits, axis=-1) == labels).mean())}
+
+        return Trainer(
+            model=model,
+            args=TrainingArguments(**args),
+            train_dataset=prepared.train,
+            eval_dataset=prepared.eval,
+            processing_class=tokenizer,
+            data_collator=DataCollatorWithPadding(tokenizer),
+            compute_metrics=accuracy,
+            callbacks=callbacks,
+        )
+    from trl import SFTConfig, SFTTrainer
+
+    config = SFTConfig(
+        **args,
+        max_length=run.dataset.max_seq_length,
+        packing=run.dataset.packing,
+        padding_free=run.dataset.packing,
+        completion_only_loss=True,
+        dataset_num_proc=None,
+    )
+    return SFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=prepared.train,
+        eval_dataset=prepared.eval,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+
+
+def _evaluate(trainer: Any, model: Any, dataset: Any, prefix: str, *, base: bool) -> dict[str, float]:
+    """Evaluate on `dataset`; `base` evaluates the untuned model (adapter disabled)."""
+    if base and hasattr(model, "disable_adapter") and hasattr(model, "peft_config"):
+        with model.disable_adapter():
+            metrics: dict[str, float] = trainer.evaluate(dataset, metric_key_prefix=prefix)
+    else:
+        metrics = trainer.evaluate(dataset, metric_key_prefix=prefix)
+    loss = metrics.get(f"{prefix}_loss")
+    if loss is not None:
+        metrics[f"{prefix}_perplexity"] = math.exp(min(loss, 50.0))
+    return metrics
+
+
+def _publish(out: Path, uri: str) -> None:
+    """Copy the finished artifacts to a remote output (checkpoints are already there)."""
+    if storage.is_local(uri):
+        return
+    for name in ARTIFACTS:
+        path = out / name
+        if path.exists():
+            storage.upload(path, f"{uri.rstrip('/')}/{name}")
+
+
+def prepare_data(run: RunConfig, local: LocalModel) -> tuple[Any, Any]:
+    """Load the tokenizer and prepare (validate, split, tokenize) the dataset."""
+    from finetune_trainer.data import DatasetError, prepare_dataset
+
+    tokenizer = load_tokenizer(local, run.model)
+    try:
+        prepared = prepare_dataset(run.dataset, run.task, tokenizer, seed=run.training.seed)
+    except DatasetError as exc:
+        raise InvalidInput(str(exc)) from exc
+    return tokenizer, prepared
+
+
+def execute(run: RunConfig, ctx: RunContext) -> Summary:
+    """Run the fine-tuning end to end and return the final summary."""
+    started = time.monotonic()
+    tracker = ctx.tracker
+    out = _local_output(run, ctx)
+    try:
+        tracker.phase(Phase.VALIDATING_DATA, "fetching the model's tokenizer and the dataset")
+        local = fetch_model(run.model, out.parent / ".cache")
+        tokenizer, prepared = prepare_data(run, local)
+        stats = prepared.stats
+        tracker.update(message=f"{prepared.format} data: {stats.summary_line()}")
+        log.info("dataset (%s): %s", prepared.format, stats.summary_line())
+
+        device = _device()
+        hp = hyper.resolve(run, len(prepared.train), device)
+        tracker.phase(Phase.LOADING_MODEL, local.description)
+        model = load_model(
+            local, run, dtype=_load_dtype(run, hp.precision), label_names=prepared.label_names
+        )
+        if hp.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        model = apply_method(run, model, gradient_checkpointing=hp.gradient_checkpointing)
+    except (ModelLoadError, MethodError, ConfigError) as exc:
+        raise InvalidInput(str(exc)) from exc
+    params = count_parameters(model)
+    log.info("%s", params)
+    batch_size = hp.batch_size
+    if batch_size is None:
+        if device == "cuda":
+            model.to("cuda")
+        batch_size = hyper.probe_batch_size(
+            model, run.dataset.max_seq_length, min(hyper.GPU_AUTO_BATCH_START, len(prepared.train))
+        )
+        log.info("auto batch size: %d", batch_size)
+
+    store = CheckpointStore(run.output.uri, out)
+    callback = RunCallback(tracker, store, out / "history.jsonl", ctx.preemption)
+    args = _training_args(run, hp, batch_size, store.local_dir, prepared.eval is not None)
+    trainer = _build_trainer(run, model, tokenizer, prepared, args, [callback])
+
+    metrics: dict[str, Any] = {}
+    if prepared.eval is not None:
+        tracker.phase(Phase.EVALUATING, "baseline: the untuned model on the validation split")
+        base = _evaluate(trainer, trainer.model, prepared.eval, "eval", base=True)
+        metrics["baseline_eval_loss"] = base["eval_loss"]
+        metrics["baseline_perplexity"] = base["eval_perplexity"]
+
+    resume = store.resume_path()
+    if resume:
+        log.info("resuming from %s", resume.name)
+    tracker.update(total_steps=None)
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    state = trainer.state
+    checkpoints = store.complete()
+
+    if ctx.preemption.is_set:
+        tracker.phase(Phase.PREEMPTED, f"stopped at step {state.global_step}; checkpoint saved")
+        return Summary(
+            outcome=Outcome.PREEMPTED,
+            reason="Preempted",
+            message=f"stopped at step {state.global_step} of {state.max_steps}; will resume",
+            output_uri=run.output.uri,
+            last_checkpoint=checkpoints[-1] if checkpoints else None,
+            steps=state.global_step,
+            trained_tokens=state.num_input_tokens_seen or None,
+        )
+
+    metrics["train_loss"] = result.training_loss
+    if prepared.eval is not None:
+        tracker.phase(Phase.EVALUATING, "validation split")
+        metrics.update(_evaluate(trainer, trainer.model, prepared.eval, "eval", base=False))
+    if prepared.test is not None:
+        tracker.phase(Phase.EVALUATING, "test split")
+        metrics.update(_evaluate(trainer, trainer.model, prepared.test, "test", base=False))
+    metrics = {k: v for k, v in metrics.items() if not k.endswith(("_runtime", "per_second"))}
+    metrics.update(
+        steps=state.global_step,
+        epochs=round(state.epoch or 0.0, 4),
+        trained_tokens=state.num_input_tokens_seen,
+        trainable_params=params.trainable,
+        total_params=params.total,
+        runtime_seconds=round(time.monotonic() - started, 1),
+        estimated_trained_tokens=prepared.stats.estimated_trained_tokens(hp.epochs),
+    )
+
+    tracker.phase(Phase.SAVING, "adapter, metrics and model card")
+    adapter_dir = save_adapter(trainer.model, tokenizer, out)
+    merged_uri = None
+    if run.output.merge_adapter:
+        save_merged(trainer.model, tokenizer, out)
+        merged_uri = f"{run.output.uri.rstrip('/')}/merged"
+    write_metrics(metrics, out)
+    plot_loss(out / "history.jsonl", out)
+    write_model_card(run, metrics, prepared.stats.as_dict(), out, ctx.name)
+    _publish(out, run.output.uri)
+    log.info("wrote %s", adapter_dir)
+    return _summary(run, metrics, params, checkpoints, merged_uri)
+
+
+def _summary(
+    run: RunConfig,
+    metrics: dict[str, Any],
+    params: ParamCount,
+    checkpoints: list[Any],
+    merged_uri: str | None,
+) -> Summary:
+    keep = ("eval_loss", "eval_perplexity", "baseline_eval_loss", "train_loss", "test_loss",
+            "eval_accuracy", "test_accuracy", "runtime_seconds")
+    return Summary(
+        outcome=Outcome.SUCCEEDED,
+        reason="Succeeded",
+        adapter_uri=f"{run.output.uri.rstrip('/')}/adapter",
+        merged_model_uri=merged_uri,
+        output_uri=run.output.uri,
+        last_checkpoint=checkpoints[-1] if checkpoints else None,
+        metrics={k: float(metrics[k]) for k in keep if metrics.get(k) is not None},
+        trainable_params=params.trainable,
+        total_params=params.total,
+        trained_tokens=int(metrics["trained_tokens"]),
+        steps=int(metrics["steps"]),
+    )
+
+
+def scratch_from_env() -> Path | None:
+    """FINETUNE_SCRATCH: where remote outputs are staged (default: the system temp dir)."""
+    value = os.environ.get("FINETUNE_SCRATCH")
+    return Path(value) if value else None
