@@ -412,11 +412,20 @@ def _loc_to_path(loc: tuple[int | str, ...]) -> str:
 _SUBPATH_RE = re.compile(r"^(?:Value error, )?([A-Za-z][\w.\[\]]*): (.*)$", re.S)
 
 
+_UNION_TAGS = ("bool", "int", "float", "str")
+
+
+def _is_union_tag(part: int | str) -> bool:
+    """Whether a location part names a union member (`constrained-float`), not a field."""
+    text = str(part)
+    return text in _UNION_TAGS or text.startswith(("function-", "literal[", "constrained-"))
+
+
 def format_errors(exc: ValidationError, prefix: str = "") -> list[str]:
     """Render a ValidationError as ``field.path: message`` lines (camelCase, with `prefix`)."""
     lines = []
     for err in exc.errors():
-        loc = tuple(p for p in err["loc"] if not str(p).startswith(("function-", "literal[")))
+        loc = tuple(p for p in err["loc"] if not _is_union_tag(p))
         path = _loc_to_path(((prefix,) if prefix else ()) + loc)
         message = err["msg"]
         match = _SUBPATH_RE.match(message) if err["type"] == "value_error" else None
