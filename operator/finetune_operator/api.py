@@ -32,7 +32,7 @@ Quantity = Annotated[
     str,
     Field(
         max_length=64,
-        pattern=r"^[0-9]+(\.[0-9]+)?([eE][0-9]+|[numkKMGTPE]i?)?$",
+        pattern=r"^[0-9]+(\.[0-9]+)?([eE][0-9]+|[KMGTPE]i|[numkMGTPE])?$",
         description="A Kubernetes quantity, e.g. 8, 500m, 32Gi.",
     ),
 ]
