@@ -39,12 +39,18 @@ def main() -> int:
     except (OSError, ValueError) as exc:
         errors = exc.errors if isinstance(exc, ConfigError) else [f"{config_path}: {exc}"]
         write_termination_message(
-            Summary(outcome=Outcome.INVALID_INPUT, reason="InvalidConfig", message="\n".join(errors))
+            Summary(
+                outcome=Outcome.INVALID_INPUT, reason="InvalidConfig", message="\n".join(errors)
+            )
         )
         print("invalid run config:\n  " + "\n  ".join(errors), file=sys.stderr)
         return int(ExitCode.INVALID_INPUT)
-    ctx = RunContext(name=os.environ.get("FINETUNE_JOB_NAME", "finetune"), scratch=scratch_from_env())
-    summary = run_reported(run, ctx, progress_port=int(os.environ.get(ENV_PROGRESS_PORT, PROGRESS_PORT)))
+    ctx = RunContext(
+        name=os.environ.get("FINETUNE_JOB_NAME", "finetune"), scratch=scratch_from_env()
+    )
+    summary = run_reported(
+        run, ctx, progress_port=int(os.environ.get(ENV_PROGRESS_PORT, PROGRESS_PORT))
+    )
     return int(exit_code(summary))
 
 

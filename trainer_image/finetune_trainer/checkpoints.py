@@ -12,6 +12,7 @@ import logging
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 from finetune_trainer import storage
 from finetune_trainer.progress import CheckpointInfo, utcnow
@@ -25,6 +26,13 @@ _DIR_RE = re.compile(r"^checkpoint-(\d+)$")
 def _step(name: str) -> int | None:
     match = _DIR_RE.match(name)
     return int(match.group(1)) if match else None
+
+
+def _fs(uri: str) -> tuple[Any, str]:
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(uri, **storage.storage_options(uri))
+    return fs, path
 
 
 def mark_best(checkpoints: list[CheckpointInfo]) -> list[CheckpointInfo]:
@@ -56,8 +64,8 @@ class CheckpointStore:
         if self.remote:
             storage.upload(path, self.uri(step))
             self._sync_remote_deletions()
-            with storage.open_text(f"{self.uri(step)}/{MARKER}", "w") as fh:
-                fh.write(marker)
+            fs, remote = _fs(f"{self.uri(step)}/{MARKER}")
+            fs.pipe_file(remote, marker.encode())
         tmp = path / f"{MARKER}.tmp"
         tmp.write_text(marker)
         tmp.replace(path / MARKER)
@@ -69,15 +77,16 @@ class CheckpointStore:
         for info in self.complete():
             name = f"checkpoint-{info.step}"
             if name not in kept:
-                storage.remove(self.uri(info.step))
+                fs, remote = _fs(self.uri(info.step))
+                fs.rm(remote, recursive=True)
 
     def complete(self) -> list[CheckpointInfo]:
         """All complete checkpoints, oldest first, best marked."""
         found: list[CheckpointInfo] = []
         if self.remote:
-            for marker_uri in storage.glob(f"{self.output_uri}/checkpoints/checkpoint-*/{MARKER}"):
-                with storage.open_text(marker_uri) as fh:
-                    found.append(CheckpointInfo.model_validate_json(fh.read()))
+            fs, base = _fs(f"{self.output_uri}/checkpoints")
+            for marker in fs.glob(f"{base}/checkpoint-*/{MARKER}"):
+                found.append(CheckpointInfo.model_validate_json(fs.cat_file(marker)))
         else:
             for path in self.local_dir.glob(f"checkpoint-*/{MARKER}"):
                 found.append(CheckpointInfo.model_validate_json(path.read_text()))
@@ -115,4 +124,6 @@ class CheckpointStore:
 def read_marker(path: Path) -> CheckpointInfo | None:
     """The marker of a local checkpoint directory, or None if it is incomplete."""
     marker = path / MARKER
-    return CheckpointInfo.model_validate(json.loads(marker.read_text())) if marker.exists() else None
+    return (
+        CheckpointInfo.model_validate(json.loads(marker.read_text())) if marker.exists() else None
+    )

@@ -128,7 +128,8 @@ def _summary_table(summary: Summary) -> Table:
 def run(
     file: FileArg,
     output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="Write outputs here (overrides output.uri).")
+        Path | None,
+        typer.Option("--output", "-o", help="Write outputs here (overrides output.uri)."),
     ] = None,
     set_: SetOpt = None,
     progress_port: Annotated[
@@ -168,7 +169,7 @@ def validate(file: FileArg, set_: SetOpt = None) -> None:
     """Check the spec and the dataset (format, fields, duplicates, lengths) without loading a
     model: only the tokenizer is loaded, to measure lengths in tokens. Exit 65 when invalid."""
     from finetune_trainer.models import ModelLoadError, fetch_model
-    from finetune_trainer.runner import InvalidInput, prepare_data
+    from finetune_trainer.runner import InvalidInputError, prepare_data
 
     name, run_config = _load(file, set_)
     console.print(f"[green]spec OK[/green]: {name} ({run_config.method.type}, {run_config.task})")
@@ -176,7 +177,7 @@ def validate(file: FileArg, set_: SetOpt = None) -> None:
         with console.status("checking the dataset"):
             local = fetch_model(run_config.model, Path.cwd() / ".finetune-cache")
             _, prepared = prepare_data(run_config, local)
-    except (InvalidInput, ModelLoadError) as exc:
+    except (InvalidInputError, ModelLoadError) as exc:
         console.print(f"[red]invalid:[/red] {exc}")
         raise typer.Exit(int(ExitCode.INVALID_INPUT)) from None
     console.print(prepared.report.render())
@@ -188,7 +189,9 @@ def _load_plugins() -> None:
         try:
             register = ep.load()
         except ImportError as exc:  # the operator extra is not installed
-            logging.getLogger(__name__).debug("finetune.cli plugin %s unavailable: %s", ep.name, exc)
+            logging.getLogger(__name__).debug(
+                "finetune.cli plugin %s unavailable: %s", ep.name, exc
+            )
             continue
         register(app)
 

@@ -52,7 +52,6 @@ def probe_batch_size(model: Any, seq_len: int, start: int) -> int:
 
     device = next(model.parameters()).device
 
-    @find_executable_batch_size(starting_batch_size=start)  # type: ignore[misc]
     def attempt(batch_size: int) -> int:
         ids = torch.zeros((batch_size, seq_len), dtype=torch.long, device=device)
         out = model(input_ids=ids, labels=ids)
@@ -60,7 +59,7 @@ def probe_batch_size(model: Any, seq_len: int, start: int) -> int:
         model.zero_grad(set_to_none=True)
         return batch_size
 
-    found: int = attempt()
+    found = int(find_executable_batch_size(attempt, starting_batch_size=start)())
     torch.cuda.empty_cache()
     return found
 
@@ -80,7 +79,9 @@ def resolve(run: RunConfig, n_train: int, device: str, model_params: int | None 
     """Resolve every `auto` that does not need the loaded model."""
     t = run.training
     epochs = float(auto_epochs(n_train) if t.epochs == "auto" else t.epochs)
-    lr = AUTO_LEARNING_RATE[run.method.type] if t.learning_rate == "auto" else float(t.learning_rate)
+    lr = (
+        AUTO_LEARNING_RATE[run.method.type] if t.learning_rate == "auto" else float(t.learning_rate)
+    )
     if t.batch_size != "auto":
         batch: int | None = int(t.batch_size)
     elif device == "cuda":

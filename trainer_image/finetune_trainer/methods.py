@@ -49,7 +49,9 @@ def linear_module_names(model: Any) -> list[str]:
     import torch
 
     names: set[str] = set()
-    output_layer = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    output_layer = (
+        model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    )
     for name, module in model.named_modules():
         is_linear = isinstance(module, torch.nn.Linear) or "Linear" in type(module).__name__
         if is_linear and module is not output_layer and name:

@@ -17,7 +17,7 @@ from finetune_trainer.progress import (
     Phase,
     Summary,
 )
-from finetune_trainer.runner import InvalidInput, RunContext, execute
+from finetune_trainer.runner import InvalidInputError, RunContext, execute
 from finetune_trainer.server import ProgressServer
 
 log = logging.getLogger(__name__)
@@ -44,8 +44,8 @@ def exit_code(summary: Summary) -> ExitCode:
 
 
 def _failure(exc: BaseException) -> Summary:
-    if isinstance(exc, InvalidInput):
-        return Summary(outcome=Outcome.INVALID_INPUT, reason="InvalidInput", message=str(exc))
+    if isinstance(exc, InvalidInputError):
+        return Summary(outcome=Outcome.INVALID_INPUT, reason="InvalidInputError", message=str(exc))
     name = type(exc).__name__
     if "OutOfMemory" in name:
         return Summary(

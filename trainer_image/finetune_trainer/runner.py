@@ -2,7 +2,7 @@
 
 `execute()` is shared by the container entrypoint (`python -m finetune_trainer`) and the local
 CLI (`finetune run`); it reports through a `ProgressTracker` and returns a `Summary`.
-Errors the user must fix (config, dataset, model source) raise `InvalidInput`.
+Errors the user must fix (config, dataset, model source) raise `InvalidInputError`.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 ARTIFACTS = ("adapter", "merged", "metrics.json", "history.jsonl", "loss.png", "README.md")
 
 
-class InvalidInput(Exception):
+class InvalidInputError(Exception):
     """The run cannot succeed as configured (bad config, dataset or model source)."""
 
 
@@ -190,7 +190,9 @@ def _build_trainer(
     )
 
 
-def _evaluate(trainer: Any, model: Any, dataset: Any, prefix: str, *, base: bool) -> dict[str, float]:
+def _evaluate(
+    trainer: Any, model: Any, dataset: Any, prefix: str, *, base: bool
+) -> dict[str, float]:
     """Evaluate on `dataset`; `base` evaluates the untuned model (adapter disabled)."""
     if base and hasattr(model, "disable_adapter") and hasattr(model, "peft_config"):
         with model.disable_adapter():
@@ -221,12 +223,16 @@ def prepare_data(run: RunConfig, local: LocalModel) -> tuple[Any, Any]:
     try:
         prepared = prepare_dataset(run.dataset, run.task, tokenizer, seed=run.training.seed)
     except DatasetError as exc:
-        raise InvalidInput(str(exc)) from exc
+        raise InvalidInputError(str(exc)) from exc
     return tokenizer, prepared
 
 
 def execute(run: RunConfig, ctx: RunContext) -> Summary:
     """Run the fine-tuning end to end and return the final summary."""
+    import datasets
+    from transformers import PrinterCallback
+
+    datasets.disable_progress_bars()
     started = time.monotonic()
     tracker = ctx.tracker
     out = _local_output(run, ctx)
@@ -248,7 +254,7 @@ def execute(run: RunConfig, ctx: RunContext) -> Summary:
             model.gradient_checkpointing_enable()
         model = apply_method(run, model, gradient_checkpointing=hp.gradient_checkpointing)
     except (ModelLoadError, MethodError, ConfigError) as exc:
-        raise InvalidInput(str(exc)) from exc
+        raise InvalidInputError(str(exc)) from exc
     params = count_parameters(model)
     log.info("%s", params)
     batch_size = hp.batch_size
@@ -264,6 +270,7 @@ def execute(run: RunConfig, ctx: RunContext) -> Summary:
     callback = RunCallback(tracker, store, out / "history.jsonl", ctx.preemption)
     args = _training_args(run, hp, batch_size, store.local_dir, prepared.eval is not None)
     trainer = _build_trainer(run, model, tokenizer, prepared, args, [callback])
+    trainer.remove_callback(PrinterCallback)  # RunCallback logs each step once, as text
 
     metrics: dict[str, Any] = {}
     if prepared.eval is not None:
@@ -275,12 +282,13 @@ def execute(run: RunConfig, ctx: RunContext) -> Summary:
     resume = store.resume_path()
     if resume:
         log.info("resuming from %s", resume.name)
-    tracker.update(total_steps=None)
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    result = None
+    if not ctx.preemption.is_set:  # a notice during set-up: nothing new to save, stop now
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     state = trainer.state
     checkpoints = store.complete()
 
-    if ctx.preemption.is_set:
+    if ctx.preemption.is_set or result is None:
         tracker.phase(Phase.PREEMPTED, f"stopped at step {state.global_step}; checkpoint saved")
         return Summary(
             outcome=Outcome.PREEMPTED,
@@ -331,8 +339,16 @@ def _summary(
     checkpoints: list[Any],
     merged_uri: str | None,
 ) -> Summary:
-    keep = ("eval_loss", "eval_perplexity", "baseline_eval_loss", "train_loss", "test_loss",
-            "eval_accuracy", "test_accuracy", "runtime_seconds")
+    keep = (
+        "eval_loss",
+        "eval_perplexity",
+        "baseline_eval_loss",
+        "train_loss",
+        "test_loss",
+        "eval_accuracy",
+        "test_accuracy",
+        "runtime_seconds",
+    )
     return Summary(
         outcome=Outcome.SUCCEEDED,
         reason="Succeeded",

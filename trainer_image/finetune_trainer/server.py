@@ -14,7 +14,7 @@ log = logging.getLogger(__name__)
 
 def _handler(tracker: ProgressTracker) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - the http.server API
+        def do_GET(self) -> None:
             if self.path.split("?", 1)[0] == PROGRESS_PATH:
                 body, status = tracker.snapshot().to_json().encode(), 200
             elif self.path == "/healthz":

@@ -1,0 +1,171 @@
+"""The trainer end to end on tiny real models: each method trains and leaves loadable artifacts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from finetune_trainer.config import RunConfig
+from finetune_trainer.progress import Outcome, Phase
+from finetune_trainer.reporting import run_reported
+from finetune_trainer.runner import RunContext
+
+REPO = Path(__file__).resolve().parents[2]
+DATA = REPO / "examples" / "data" / "instructions.jsonl"
+
+
+def _run(model_dir: Path, out: Path, **overrides: Any) -> RunConfig:
+    doc: dict[str, Any] = {
+        "model": {"source": str(model_dir)},
+        "dataset": {
+            "source": str(DATA),
+            "format": "alpaca",
+            "maxSeqLength": 128,
+            "validation": {"splitRatio": 0.1},
+        },
+        "method": {"type": "lora"},
+        "training": {
+            "maxSteps": 4,
+            "batchSize": 4,
+            "learningRate": 0.01,
+            "saveSteps": 2,
+            "loggingSteps": 1,
+        },
+        "output": {"uri": str(out)},
+    }
+    for key, value in overrides.items():
+        doc[key] = {**doc.get(key, {}), **value} if isinstance(value, dict) else value
+    return RunConfig.model_validate(doc)
+
+
+def _execute(run: RunConfig, name: str = "t") -> Any:
+    ctx = RunContext(name=name)
+    phases: list[Phase] = []
+    ctx.tracker.subscribe(lambda p: phases.append(p.phase))
+    summary = run_reported(run, ctx, progress_port=None)
+    return summary, phases, ctx
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3", "prefix", "prompt", "full"])
+def test_method_trains_and_writes_loadable_artifacts(
+    method: str, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "out"
+    summary, phases, _ = _execute(_run(tiny_model_dir, out, method={"type": method}))
+    assert summary.outcome == Outcome.SUCCEEDED, summary.message
+    assert summary.steps == 4
+    assert summary.adapter_uri == f"{out}/adapter"
+    for phase in (Phase.VALIDATING_DATA, Phase.LOADING_MODEL, Phase.TRAINING, Phase.SAVING):
+        assert phase in phases
+    assert phases[-1] == Phase.SUCCEEDED
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 4
+    assert metrics["trained_tokens"] > 0
+    assert 0 < metrics["trainable_params"] <= metrics["total_params"]
+    assert {"eval_loss", "baseline_eval_loss", "eval_perplexity", "train_loss"} <= metrics.keys()
+    assert (out / "loss.png").read_bytes().startswith(b"\x89PNG")
+    card = (out / "README.md").read_text()
+    assert method in card and "How to load" in card
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert any("loss" in h for h in history) and any("eval_loss" in h for h in history)
+    # checkpoints: complete ones only, rotated to saveTotalLimit (3) at most
+    ckpts = sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*"))
+    assert ckpts == ["checkpoint-2", "checkpoint-4"]
+    assert all((out / "checkpoints" / c / ".finetune-complete.json").exists() for c in ckpts)
+
+    ids = torch.tensor([[5, 6, 7, 8]])
+    if method == "full":
+        model = AutoModelForCausalLM.from_pretrained(out / "adapter")
+    else:
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        model = PeftModel.from_pretrained(base, out / "adapter")
+    assert model(input_ids=ids).logits.shape[-1] > 0
+
+
+def test_merge_adapter_writes_plain_model(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "out"
+    summary, _, _ = _execute(_run(tiny_model_dir, out, output={"mergeAdapter": True}))
+    assert summary.outcome == Outcome.SUCCEEDED, summary.message
+    assert summary.merged_model_uri == f"{out}/merged"
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged")
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+
+
+def test_missing_target_module_lists_the_models_linear_layers(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    run = _run(
+        tiny_model_dir, tmp_path / "o", method={"type": "lora", "lora": {"targetModules": ["qkv"]}}
+    )
+    summary, _, _ = _execute(run)
+    assert summary.outcome == Outcome.INVALID_INPUT
+    assert "method.lora.targetModules: qkv not in this model" in (summary.message or "")
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+        assert name in (summary.message or "")
+
+
+def test_missing_model_is_invalid_input(tmp_path: Path) -> None:
+    summary, _, _ = _execute(_run(tmp_path / "nope", tmp_path / "o"))
+    assert summary.outcome == Outcome.INVALID_INPUT
+    assert "model.source" in (summary.message or "")
+
+
+def test_resume_from_newest_complete_checkpoint_reaches_same_step_count(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    first, _, _ = _execute(_run(tiny_model_dir, out, training={"maxSteps": 4, "saveSteps": 2}))
+    assert first.outcome == Outcome.SUCCEEDED
+    # simulate a run killed mid-save: a newer checkpoint without its completion marker
+    half = out / "checkpoints" / "checkpoint-6"
+    half.mkdir()
+    (half / "adapter_model.safetensors").write_bytes(b"partial")
+    second, _, _ = _execute(_run(tiny_model_dir, out, training={"maxSteps": 6, "saveSteps": 2}))
+    assert second.outcome == Outcome.SUCCEEDED, second.message
+    assert second.steps == 6
+    assert (
+        not (out / "checkpoints" / "checkpoint-6" / "adapter_model.safetensors").read_bytes()
+        == b"partial"
+    )
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    steps_logged = [h["step"] for h in history if "loss" in h]
+    assert steps_logged.count(5) == 1 and 3 in steps_logged  # resumed after 4, not from 0
+
+
+def test_classification_with_minilm(minilm_dir: Path, tmp_path: Path) -> None:
+    data = tmp_path / "reviews.jsonl"
+    good = ["a wonderful, moving film", "great acting and a clever plot", "loved every minute"]
+    bad = ["a dull, lifeless mess", "terrible script and wooden acting", "boring from start to end"]
+    rows = [{"text": f"{t} ({i})", "label": "fresh"} for i in range(10) for t in good]
+    rows += [{"text": f"{t} ({i})", "label": "rotten"} for i in range(10) for t in bad]
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    run = RunConfig.model_validate(
+        {
+            "model": {"source": str(minilm_dir)},
+            "task": "sequence-classification",
+            "dataset": {
+                "source": str(data),
+                "format": "classification",
+                "maxSeqLength": 64,
+                "validation": {"splitRatio": 0.2},
+            },
+            "method": {"type": "lora", "lora": {"r": 8, "targetModules": ["query", "value"]}},
+            "training": {"maxSteps": 6, "batchSize": 8, "learningRate": 0.005, "saveSteps": 3},
+            "output": {"uri": str(tmp_path / "out")},
+        }
+    )
+    summary, _, _ = _execute(run)
+    assert summary.outcome == Outcome.SUCCEEDED, summary.message
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert 0.0 <= metrics["eval_accuracy"] <= 1.0
+    config = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS"
