@@ -1,0 +1,296 @@
+"""Pure builders: a validated FineTuneJob spec -> the manifests of its children, as dicts.
+
+No I/O, no kopf: the handlers add owner references (`kopf.adopt`) and create the objects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from finetune_trainer.progress import (
+    CONFIG_PATH,
+    ENV_CONFIG,
+    ENV_HF_TOKEN,
+    ENV_PROGRESS_PORT,
+    ENV_PVC_ROOT,
+    ENV_TERMINATION_PATH,
+    PROGRESS_PATH,
+    PROGRESS_PORT,
+    PVC_ROOT,
+    TERMINATION_MESSAGE_PATH,
+    ExitCode,
+)
+
+from finetune_operator.api import GROUP, FineTuneJobSpec
+from finetune_operator.policy import Policy, pvc_claim, pvc_uris
+
+Manifest = dict[str, Any]
+
+JOB_LABEL = f"{GROUP}/job"
+CONFIG_HASH_ANNOTATION = f"{GROUP}/config-hash"
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+GPU_RESOURCE = "nvidia.com/gpu"
+GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
+CONTAINER_NAME = "trainer"
+PROGRESS_PORT_NAME = "progress"
+CONFIG_KEY = "config.json"
+CONFIG_DIR = CONFIG_PATH.rsplit("/", 1)[0]
+DEFAULT_SHM_SIZE = "8Gi"
+TERMINATION_GRACE_SECONDS = 300
+TRAINER_COMMAND = ["python", "-m", "finetune_trainer"]
+RUN_AS_USER = 1000
+
+
+def configmap_name(name: str) -> str:
+    """Name of the ConfigMap holding a FineTuneJob's run config."""
+    return f"{name}-config"
+
+
+def job_name(name: str) -> str:
+    """Name of a FineTuneJob's batch/v1 Job."""
+    return name
+
+
+def labels(name: str) -> dict[str, str]:
+    """Labels on every child of FineTuneJob `name` (and on its pods)."""
+    return {
+        JOB_LABEL: name,
+        "app.kubernetes.io/name": "finetune-trainer",
+        "app.kubernetes.io/managed-by": "finetune-operator",
+    }
+
+
+def run_config_json(spec: FineTuneJobSpec) -> str:
+    """The run config the trainer reads, as JSON (camelCase, unset fields omitted)."""
+    return spec.run_config().model_dump_json(by_alias=True, exclude_none=True)
+
+
+def config_hash(spec: FineTuneJobSpec) -> str:
+    """A short digest of the run config (recorded on the Job for humans and audits)."""
+    return hashlib.sha256(run_config_json(spec).encode()).hexdigest()[:16]
+
+
+def build_configmap(name: str, namespace: str, spec: FineTuneJobSpec) -> Manifest:
+    """The ConfigMap `<name>-config` with key config.json = the run config."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": configmap_name(name),
+            "namespace": namespace,
+            "labels": labels(name),
+            "annotations": {CONFIG_HASH_ANNOTATION: config_hash(spec)},
+        },
+        "data": {CONFIG_KEY: run_config_json(spec)},
+    }
+
+
+def pvc_volume_name(claim: str) -> str:
+    """A DNS-label volume name for a claim (at most 63 characters)."""
+    name = "pvc-" + claim.replace(".", "-")
+    if len(name) > 63:
+        name = "pvc-" + hashlib.sha256(claim.encode()).hexdigest()[:16]
+    return name
+
+
+def pvc_mounts(spec: FineTuneJobSpec) -> dict[str, bool]:
+    """Claim -> read-only, for every pvc:// URI in the spec (the output's claim is writable)."""
+    output_claim = pvc_claim(spec.output.uri) if spec.output.uri.startswith("pvc://") else None
+    claims: dict[str, bool] = {}
+    for _, uri in pvc_uris(spec):
+        claim = pvc_claim(uri)
+        claims[claim] = claim != output_claim
+    return claims
+
+
+def _resources(spec: FineTuneJobSpec) -> dict[str, dict[str, str]]:
+    res = spec.resources
+    requests: dict[str, str] = {}
+    limits: dict[str, str] = {}
+    if res.cpu:
+        requests["cpu"] = limits["cpu"] = res.cpu
+    if res.memory:
+        requests["memory"] = limits["memory"] = res.memory
+    if res.gpus > 0:
+        requests[GPU_RESOURCE] = limits[GPU_RESOURCE] = str(res.gpus)
+    out: dict[str, dict[str, str]] = {}
+    if requests:
+        out["requests"] = requests
+    if limits:
+        out["limits"] = limits
+    return out
+
+
+def _env(spec: FineTuneJobSpec) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = [
+        {"name": ENV_CONFIG, "value": CONFIG_PATH},
+        {"name": ENV_PROGRESS_PORT, "value": str(PROGRESS_PORT)},
+        {"name": ENV_PVC_ROOT, "value": PVC_ROOT},
+        {"name": ENV_TERMINATION_PATH, "value": TERMINATION_MESSAGE_PATH},
+        {"name": "HOME", "value": "/tmp"},
+        {"name": "HF_HOME", "value": "/tmp/hf"},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+    ]
+    if spec.secrets is not None and spec.secrets.hf_token is not None:
+        env.append(
+            {
+                "name": ENV_HF_TOKEN,
+                "valueFrom": {
+                    "secretKeyRef": {
+                        "name": spec.secrets.hf_token.name,
+                        "key": spec.secrets.hf_token.key,
+                    }
+                },
+            }
+        )
+    return env
+
+
+def _tolerations(spec: FineTuneJobSpec) -> list[dict[str, Any]]:
+    tolerations = [
+        t.model_dump(by_alias=True, exclude_none=True) for t in spec.resources.tolerations or []
+    ]
+    if spec.resources.gpus > 0:
+        gpu = {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
+        if gpu not in tolerations:
+            tolerations.append(gpu)
+    return tolerations
+
+
+def build_pod_spec(name: str, spec: FineTuneJobSpec, policy: Policy) -> Manifest:
+    """The trainer pod's spec (inside the Job's template)."""
+    mounts: list[dict[str, Any]] = [
+        {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+        {"name": "tmp", "mountPath": "/tmp"},
+        {"name": "dshm", "mountPath": "/dev/shm"},
+    ]
+    volumes: list[dict[str, Any]] = [
+        {"name": "config", "configMap": {"name": configmap_name(name)}},
+        {"name": "tmp", "emptyDir": {}},
+        {
+            "name": "dshm",
+            "emptyDir": {
+                "medium": "Memory",
+                "sizeLimit": spec.resources.shm_size or DEFAULT_SHM_SIZE,
+            },
+        },
+    ]
+    for claim, read_only in pvc_mounts(spec).items():
+        volume = pvc_volume_name(claim)
+        mounts.append({"name": volume, "mountPath": f"{PVC_ROOT}/{claim}", "readOnly": read_only})
+        volumes.append(
+            {"name": volume, "persistentVolumeClaim": {"claimName": claim, "readOnly": read_only}}
+        )
+
+    container: Manifest = {
+        "name": CONTAINER_NAME,
+        "image": spec.resources.image or policy.default_image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": list(TRAINER_COMMAND),
+        "env": _env(spec),
+        "ports": [{"name": PROGRESS_PORT_NAME, "containerPort": PROGRESS_PORT, "protocol": "TCP"}],
+        "readinessProbe": {
+            "httpGet": {"path": PROGRESS_PATH, "port": PROGRESS_PORT_NAME},
+            "periodSeconds": 10,
+            "failureThreshold": 3,
+        },
+        "resources": _resources(spec),
+        "volumeMounts": mounts,
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "runAsNonRoot": True,
+            "runAsUser": RUN_AS_USER,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "terminationMessagePath": TERMINATION_MESSAGE_PATH,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    if spec.secrets is not None and spec.secrets.storage is not None:
+        container["envFrom"] = [{"secretRef": {"name": spec.secrets.storage.name}}]
+
+    pod: Manifest = {
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUN_AS_USER,
+            "runAsGroup": RUN_AS_USER,
+            "fsGroup": RUN_AS_USER,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": volumes,
+    }
+    node_selector = dict(spec.resources.node_selector or {})
+    if spec.resources.gpu_type:
+        node_selector[GPU_PRODUCT_LABEL] = spec.resources.gpu_type
+    if node_selector:
+        pod["nodeSelector"] = node_selector
+    if tolerations := _tolerations(spec):
+        pod["tolerations"] = tolerations
+    if spec.priority_class_name:
+        pod["priorityClassName"] = spec.priority_class_name
+    return pod
+
+
+def pod_failure_policy() -> Manifest:
+    """Preemption/disruption -> ignore (retry, not counted); invalid input -> fail at once."""
+    return {
+        "rules": [
+            {
+                "action": "Ignore",
+                "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
+            },
+            {
+                "action": "FailJob",
+                "onExitCodes": {
+                    "containerName": CONTAINER_NAME,
+                    "operator": "In",
+                    "values": [int(ExitCode.INVALID_INPUT)],
+                },
+            },
+            {
+                "action": "Ignore",
+                "onExitCodes": {
+                    "containerName": CONTAINER_NAME,
+                    "operator": "In",
+                    "values": [int(ExitCode.PREEMPTED)],
+                },
+            },
+        ]
+    }
+
+
+def build_job(name: str, namespace: str, spec: FineTuneJobSpec, policy: Policy) -> Manifest:
+    """The batch/v1 Job that runs the trainer (created suspended for Kueue when queued)."""
+    job_labels = labels(name)
+    if spec.queue_name:
+        job_labels[KUEUE_QUEUE_LABEL] = spec.queue_name
+    job_spec: Manifest = {
+        "backoffLimit": spec.backoff_limit,
+        "completions": 1,
+        "parallelism": 1,
+        "suspend": spec.suspend or spec.queue_name is not None,
+        "podFailurePolicy": pod_failure_policy(),
+        "template": {
+            "metadata": {"labels": labels(name)},
+            "spec": build_pod_spec(name, spec, policy),
+        },
+    }
+    if spec.active_deadline_seconds is not None:
+        job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": job_name(name),
+            "namespace": namespace,
+            "labels": job_labels,
+            "annotations": {CONFIG_HASH_ANNOTATION: config_hash(spec)},
+        },
+        "spec": job_spec,
+    }

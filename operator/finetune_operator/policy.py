@@ -1,0 +1,103 @@
+"""Platform policy: what the platform team allows, read from the operator's environment.
+
+    FINETUNE_DEFAULT_IMAGE            trainer image when spec.resources.image is not set
+    FINETUNE_ALLOW_TRUST_REMOTE_CODE  allow spec.model.trustRemoteCode: true (default false)
+    FINETUNE_MAX_GPUS_PER_JOB         upper bound of spec.resources.gpus (default 8)
+    FINETUNE_ALLOWED_NAMESPACES       comma-separated namespaces allowed to run jobs (empty: all)
+    FINETUNE_POLL_INTERVAL_SECONDS    how often a running trainer's /progress is polled (default 5)
+
+Violations are reported like spec validation errors: one ``field.path: message`` line each.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from finetune_operator.api import FineTuneJobSpec
+
+DEFAULT_IMAGE = "ghcr.io/finetune-dev/finetune-trainer:0.1.0"
+_TRUE = {"1", "true", "yes", "on"}
+_DNS1123_SUBDOMAIN = re.compile(
+    r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+)
+
+
+class Policy(BaseModel):
+    """The operator's platform policy."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    default_image: str = Field(default=DEFAULT_IMAGE, min_length=1)
+    allow_trust_remote_code: bool = False
+    max_gpus_per_job: int = Field(default=8, ge=0)
+    allowed_namespaces: tuple[str, ...] = ()
+    poll_interval_seconds: float = Field(default=5.0, gt=0)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Policy:
+        """Read the policy from environment variables (unset or empty: the default)."""
+        env = os.environ if env is None else env
+        values: dict[str, object] = {}
+        if image := env.get("FINETUNE_DEFAULT_IMAGE", "").strip():
+            values["default_image"] = image
+        if trust := env.get("FINETUNE_ALLOW_TRUST_REMOTE_CODE", "").strip():
+            values["allow_trust_remote_code"] = trust.lower() in _TRUE
+        if gpus := env.get("FINETUNE_MAX_GPUS_PER_JOB", "").strip():
+            values["max_gpus_per_job"] = int(gpus)
+        if namespaces := env.get("FINETUNE_ALLOWED_NAMESPACES", "").strip():
+            values["allowed_namespaces"] = tuple(
+                ns.strip() for ns in namespaces.split(",") if ns.strip()
+            )
+        if interval := env.get("FINETUNE_POLL_INTERVAL_SECONDS", "").strip():
+            values["poll_interval_seconds"] = float(interval)
+        return cls.model_validate(values)
+
+
+def pvc_uris(spec: FineTuneJobSpec) -> list[tuple[str, str]]:
+    """(field path, URI) of every location in the spec that may name a PVC."""
+    found = [("spec.model.source", spec.model.source)]
+    if spec.dataset.source:
+        found.append(("spec.dataset.source", spec.dataset.source))
+    for split in ("validation", "test"):
+        split_spec = getattr(spec.dataset, split)
+        if split_spec is not None and split_spec.source:
+            found.append((f"spec.dataset.{split}.source", split_spec.source))
+    found.append(("spec.output.uri", spec.output.uri))
+    return [(path, uri) for path, uri in found if uri.startswith("pvc://")]
+
+
+def pvc_claim(uri: str) -> str:
+    """The claim name of a pvc://CLAIM/path URI."""
+    return uri.removeprefix("pvc://").split("/", 1)[0]
+
+
+def check_policy(spec: FineTuneJobSpec, namespace: str, policy: Policy) -> list[str]:
+    """Policy violations and cluster-only spec errors, as ``field.path: message`` lines."""
+    errors: list[str] = []
+    if policy.allowed_namespaces and namespace not in policy.allowed_namespaces:
+        errors.append(
+            f"metadata.namespace: namespace {namespace!r} may not run FineTuneJobs "
+            f"(platform policy allows: {', '.join(policy.allowed_namespaces)})"
+        )
+    if spec.model.trust_remote_code and not policy.allow_trust_remote_code:
+        errors.append(
+            "spec.model.trustRemoteCode: running code shipped with a model is disabled by "
+            "the platform policy (ask your platform team to set allowTrustRemoteCode)"
+        )
+    if spec.resources.gpus > policy.max_gpus_per_job:
+        errors.append(
+            f"spec.resources.gpus: {spec.resources.gpus} GPUs exceeds the platform maximum of "
+            f"{policy.max_gpus_per_job} per job"
+        )
+    for path, uri in pvc_uris(spec):
+        claim = pvc_claim(uri)
+        if not claim or len(claim) > 253 or not _DNS1123_SUBDOMAIN.match(claim):
+            errors.append(
+                f"{path}: {uri!r} does not name a valid PersistentVolumeClaim "
+                "(pvc://CLAIM/path, CLAIM a lowercase DNS name)"
+            )
+    return errors

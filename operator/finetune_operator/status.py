@@ -1,0 +1,532 @@
+"""Pure status derivation: observed Job, pods, trainer progress and summary -> FineTuneJobStatus.
+
+Conditions are the truth; `phase` summarises them. `lastTransitionTime` changes only when a
+condition's status flips. Nothing here does I/O: the handlers observe, call `derive_status`,
+and patch the difference (`status_patch`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Any
+
+from finetune_trainer.progress import (
+    CheckpointInfo,
+    ExitCode,
+    Outcome,
+    Phase,
+    Progress,
+    Summary,
+)
+
+from finetune_operator.api import (
+    Condition,
+    ConditionType,
+    FineTuneJobSpec,
+    FineTuneJobStatus,
+    JobPhase,
+    ProgressStatus,
+    ResultStatus,
+)
+from finetune_operator.builders import CONTAINER_NAME
+
+Obj = dict[str, Any]
+
+MAX_CHECKPOINTS = 20
+TERMINAL_PHASES: tuple[JobPhase, ...] = ("Succeeded", "Failed")
+# Failed reasons the operator sets itself (before any Job exists): never overwritten.
+OPERATOR_FAILURES = ("InvalidSpec", "NameConflict")
+IMAGE_PULL_REASONS = ("ImagePullBackOff", "ErrImagePull", "InvalidImageName")
+CONFIG_ERROR_REASONS = ("CreateContainerConfigError", "CreateContainerError")
+
+
+# --------------------------------------------------------------------------------------------
+# conditions
+# --------------------------------------------------------------------------------------------
+def get_condition(conditions: Iterable[Condition], type_: str) -> Condition | None:
+    """The condition of this type, if any."""
+    return next((c for c in conditions if c.type == type_), None)
+
+
+def set_condition(
+    conditions: list[Condition],
+    type_: ConditionType,
+    status: bool,
+    reason: str,
+    message: str,
+    now: datetime,
+    generation: int | None = None,
+) -> list[Condition]:
+    """A new list with the condition set; its transition time kept unless the status flips."""
+    wire = "True" if status else "False"
+    old = get_condition(conditions, type_)
+    new = Condition(
+        type=type_,
+        status=wire,
+        reason=reason,
+        message=message[:32768],
+        last_transition_time=old.last_transition_time
+        if old is not None and old.status == wire
+        else now,
+        observed_generation=generation,
+    )
+    if old is None:
+        return [*conditions, new]
+    return [new if c.type == type_ else c for c in conditions]
+
+
+def clear_condition(
+    conditions: list[Condition],
+    type_: ConditionType,
+    reason: str,
+    message: str,
+    now: datetime,
+    generation: int | None = None,
+) -> list[Condition]:
+    """Set a condition False, but only if it exists (do not add False noise)."""
+    if get_condition(conditions, type_) is None:
+        return conditions
+    return set_condition(conditions, type_, False, reason, message, now, generation)
+
+
+def is_true(conditions: Iterable[Condition], type_: str) -> bool:
+    """Whether the condition exists and is True."""
+    cond = get_condition(conditions, type_)
+    return cond is not None and cond.status == "True"
+
+
+def failed_status(
+    previous: FineTuneJobStatus,
+    reason: str,
+    message: str,
+    now: datetime,
+    generation: int | None = None,
+) -> FineTuneJobStatus:
+    """The status of a job the operator refuses to run (InvalidSpec, NameConflict)."""
+    conditions = set_condition(
+        previous.conditions, "Failed", True, reason, message, now, generation
+    )
+    conditions = clear_condition(conditions, "Running", reason, message, now, generation)
+    return previous.model_copy(
+        update={
+            "phase": "Failed",
+            "conditions": conditions,
+            "completion_time": previous.completion_time or now,
+            "observed_generation": generation,
+        }
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# helpers over observed objects
+# --------------------------------------------------------------------------------------------
+def format_eta(seconds: float | None) -> str | None:
+    """Seconds -> a short human ETA: 45s, 12m30s, 1h05m, 2d03h."""
+    if seconds is None or seconds < 0:
+        return None
+    s = round(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+    return f"{s // 86400}d{(s % 86400) // 3600:02d}h"
+
+
+def _job_condition(job: Obj | None, type_: str) -> Obj | None:
+    for cond in (job or {}).get("status", {}).get("conditions") or []:
+        if cond.get("type") == type_ and cond.get("status") == "True":
+            return dict(cond)
+    return None
+
+
+def _parse_time(value: Any) -> datetime | None:
+    if isinstance(value, datetime):
+        return value
+    if isinstance(value, str) and value:
+        try:
+            return datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            return None
+    return None
+
+
+def sort_pods(pods: Iterable[Obj]) -> list[Obj]:
+    """Pods oldest first (by creationTimestamp, then name)."""
+    return sorted(
+        pods,
+        key=lambda p: (
+            str(p.get("metadata", {}).get("creationTimestamp") or ""),
+            str(p.get("metadata", {}).get("name") or ""),
+        ),
+    )
+
+
+def trainer_status(pod: Obj) -> Obj:
+    """The trainer container's status in a pod ({} when not reported yet)."""
+    for cs in pod.get("status", {}).get("containerStatuses") or []:
+        if cs.get("name") == CONTAINER_NAME:
+            return dict(cs)
+    return {}
+
+
+def terminated_state(pod: Obj) -> Obj | None:
+    """The trainer container's terminated state, if it has terminated."""
+    state = trainer_status(pod).get("state") or {}
+    terminated = state.get("terminated")
+    return dict(terminated) if terminated else None
+
+
+def pod_summary(pod: Obj) -> Summary | None:
+    """The trainer's Summary from a pod's termination message, if it wrote one."""
+    terminated = terminated_state(pod)
+    return Summary.from_termination_message((terminated or {}).get("message"))
+
+
+def latest_summary(pods: Iterable[Obj]) -> Summary | None:
+    """The Summary of the most recent pod that terminated with one."""
+    for pod in reversed(sort_pods(pods)):
+        summary = pod_summary(pod)
+        if summary is not None:
+            return summary
+    return None
+
+
+def _has_pod_condition(pod: Obj, type_: str) -> bool:
+    return any(
+        c.get("type") == type_ and c.get("status") == "True"
+        for c in pod.get("status", {}).get("conditions") or []
+    )
+
+
+def is_preempted(pod: Obj) -> bool:
+    """A pod that was disrupted (DisruptionTarget) or whose trainer exited 'preempted'."""
+    terminated = terminated_state(pod)
+    if terminated is not None and terminated.get("exitCode") == ExitCode.PREEMPTED:
+        return True
+    return _has_pod_condition(pod, "DisruptionTarget") and pod.get("status", {}).get("phase") in (
+        "Failed",
+        "Succeeded",
+    )
+
+
+def is_oom_killed(pod: Obj) -> bool:
+    """A pod whose trainer was killed for exceeding its memory limit."""
+    terminated = terminated_state(pod)
+    return terminated is not None and terminated.get("reason") == "OOMKilled"
+
+
+def _pending_reason(pod: Obj) -> tuple[str, str] | None:
+    """Why a pod is not running yet, if a user can act on it."""
+    waiting = (trainer_status(pod).get("state") or {}).get("waiting") or {}
+    reason = waiting.get("reason")
+    if reason in IMAGE_PULL_REASONS:
+        image = pod.get("spec", {}).get("containers", [{}])[0].get("image", "")
+        return (
+            "ImagePullBackOff",
+            f"cannot pull trainer image {image}: {waiting.get('message') or reason}",
+        )
+    if reason in CONFIG_ERROR_REASONS:
+        return ("CreateContainerConfigError", waiting.get("message") or reason)
+    for cond in pod.get("status", {}).get("conditions") or []:
+        if (
+            cond.get("type") == "PodScheduled"
+            and cond.get("status") == "False"
+            and cond.get("reason") == "Unschedulable"
+        ):
+            return (
+                "Unschedulable",
+                "no node fits the trainer pod (GPUs, gpuType, nodeSelector, tolerations): "
+                + (cond.get("message") or ""),
+            )
+    return None
+
+
+def _progress_status(progress: Progress) -> ProgressStatus:
+    percent = progress.percent
+    if percent is None and progress.total_steps:
+        percent = round(min(100.0, 100.0 * progress.step / progress.total_steps), 1)
+    return ProgressStatus(
+        stage=progress.phase.value,
+        step=progress.step,
+        total_steps=progress.total_steps,
+        epoch=progress.epoch,
+        percent=percent,
+        loss=progress.loss,
+        eval_loss=progress.eval_loss,
+        learning_rate=progress.learning_rate,
+        tokens_per_second=progress.tokens_per_second,
+        eta_seconds=progress.eta_seconds,
+        eta=format_eta(progress.eta_seconds),
+        trained_tokens=progress.trained_tokens,
+        updated_at=progress.updated_at,
+    )
+
+
+def merge_checkpoints(
+    previous: Iterable[CheckpointInfo], new: Iterable[CheckpointInfo], limit: int = MAX_CHECKPOINTS
+) -> list[CheckpointInfo]:
+    """Union by step (newest report wins), the last `limit` kept, the lowest eval loss marked best."""
+    by_step = {c.step: c for c in previous}
+    for c in new:
+        by_step[c.step] = c
+    ordered = [by_step[s] for s in sorted(by_step)]
+    evaluated = [c for c in ordered if c.eval_loss is not None]
+    best = min(evaluated, key=lambda c: c.eval_loss or 0.0) if evaluated else None
+    if best is None:
+        marked = [c for c in ordered if c.best]
+        best = marked[-1] if marked else None
+    kept = ordered[-limit:]
+    if best is not None and best not in kept:
+        kept = [best, *ordered[-(limit - 1) :]] if limit > 1 else [best]
+    return [c.model_copy(update={"best": best is not None and c.step == best.step}) for c in kept]
+
+
+# --------------------------------------------------------------------------------------------
+# derive_status
+# --------------------------------------------------------------------------------------------
+def _failure(
+    job: Obj, pods: list[Obj], summary: Summary | None, spec: FineTuneJobSpec
+) -> tuple[str, str]:
+    """(reason, message) for a failed Job, in terms a user can act on."""
+    cond = _job_condition(job, "Failed") or {}
+    job_reason = cond.get("reason") or ""
+    last = sort_pods(pods)[-1] if pods else None
+    if summary is not None and summary.outcome == Outcome.INVALID_INPUT:
+        return "InvalidInput", summary.message or summary.reason or "the trainer rejected its input"
+    if job_reason == "DeadlineExceeded":
+        return (
+            "DeadlineExceeded",
+            f"the run exceeded spec.activeDeadlineSeconds ({spec.active_deadline_seconds}s); "
+            "resume from the last checkpoint with a longer deadline",
+        )
+    if last is not None and is_oom_killed(last):
+        return (
+            "OOMKilled",
+            "the trainer was killed for exceeding its memory limit "
+            f"(spec.resources.memory={spec.resources.memory or 'unset'}); raise it, or lower "
+            "training.batchSize / dataset.maxSeqLength",
+        )
+    terminated = terminated_state(last) if last is not None else None
+    if terminated is not None and terminated.get("exitCode") == ExitCode.INVALID_INPUT:
+        return "InvalidInput", (terminated.get("message") or "the trainer rejected its input")
+    trainer_message = ""
+    if summary is not None and summary.message:
+        trainer_message = summary.message
+    elif terminated is not None and terminated.get("message"):
+        trainer_message = str(terminated["message"])[-2000:]
+    if job_reason == "BackoffLimitExceeded":
+        return (
+            "BackoffLimitExceeded",
+            f"the trainer failed {spec.backoff_limit + 1} times (spec.backoffLimit="
+            f"{spec.backoff_limit})"
+            + (f"; last error: {trainer_message}" if trainer_message else ""),
+        )
+    message = cond.get("message") or "the Job failed"
+    if trainer_message:
+        message = f"{message}; trainer: {trainer_message}"
+    return job_reason or "JobFailed", message
+
+
+def _result(summary: Summary | None) -> ResultStatus | None:
+    if summary is None:
+        return None
+    return ResultStatus(
+        adapter_uri=summary.adapter_uri,
+        merged_model_uri=summary.merged_model_uri,
+        output_uri=summary.output_uri,
+        metrics=dict(summary.metrics) or None,
+        trainable_params=summary.trainable_params,
+        trained_tokens=summary.trained_tokens,
+    )
+
+
+def derive_status(
+    spec: FineTuneJobSpec,
+    job: Obj | None,
+    pods: list[Obj],
+    progress: Progress | None,
+    summary: Summary | None,
+    previous: FineTuneJobStatus,
+    now: datetime,
+    generation: int | None = None,
+) -> FineTuneJobStatus:
+    """The status a FineTuneJob should have, given what was observed.
+
+    `job`: its batch/v1 Job (None: not created yet); `pods`: the Job's pods; `progress`: the
+    running trainer's /progress (None: not reachable); `summary`: the last trainer termination
+    message; `previous`: the current status; `generation`: metadata.generation.
+    """
+    failed = get_condition(previous.conditions, "Failed")
+    if failed is not None and failed.status == "True" and failed.reason in OPERATOR_FAILURES:
+        return previous
+    if previous.phase in TERMINAL_PHASES and job is None:
+        return previous  # finished, and the Job is gone (TTL, manual cleanup): keep the record
+
+    conds = list(previous.conditions)
+    g = generation
+    update: dict[str, Any] = {"observed_generation": g}
+
+    # progress and checkpoints: mirror what the trainer reports, keep the last known otherwise
+    if progress is not None:
+        update["progress"] = _progress_status(progress)
+    checkpoints = list(previous.checkpoints)
+    if progress is not None and progress.checkpoints:
+        checkpoints = merge_checkpoints(checkpoints, progress.checkpoints)
+    if summary is not None and summary.last_checkpoint is not None:
+        checkpoints = merge_checkpoints(checkpoints, [summary.last_checkpoint])
+    update["checkpoints"] = checkpoints
+
+    if job is None:
+        update["phase"] = previous.phase or "Pending"
+        return previous.model_copy(update=update)
+
+    job_status = job.get("status") or {}
+    ordered = sort_pods(pods)
+    preemptions = sum(1 for p in ordered if is_preempted(p))
+    update["job_name"] = job.get("metadata", {}).get("name")
+    update["attempts"] = max(previous.attempts or 0, len(ordered))
+    update["preemptions"] = max(previous.preemptions or 0, preemptions) or None
+    start = _parse_time(job_status.get("startTime"))
+    update["start_time"] = previous.start_time or start
+    conds = set_condition(
+        conds, "Created", True, "JobCreated", f"created Job {job['metadata']['name']}", now, g
+    )
+
+    phase: JobPhase
+    if _job_condition(job, "Complete") is not None or (
+        job_status.get("succeeded") and summary is not None and summary.outcome == Outcome.SUCCEEDED
+    ):
+        phase = "Succeeded"
+        msg = "training finished"
+        if summary is not None and summary.adapter_uri:
+            msg = f"training finished; adapter at {summary.adapter_uri}"
+        conds = set_condition(conds, "Succeeded", True, "Completed", msg, now, g)
+        conds = set_condition(conds, "Running", False, "Completed", msg, now, g)
+        conds = clear_condition(conds, "Suspended", "Completed", msg, now, g)
+        update["result"] = _result(summary) or previous.result
+        update["completion_time"] = (
+            previous.completion_time or _parse_time(job_status.get("completionTime")) or now
+        )
+        if progress is None and previous.progress is not None:
+            update["progress"] = previous.progress.model_copy(
+                update={
+                    "stage": Phase.SUCCEEDED.value,
+                    "percent": 100.0,
+                    "eta_seconds": 0,
+                    "eta": "0s",
+                }
+            )
+    elif _job_condition(job, "Failed") is not None:
+        phase = "Failed"
+        reason, msg = _failure(job, ordered, summary, spec)
+        conds = set_condition(conds, "Failed", True, reason, msg, now, g)
+        conds = set_condition(conds, "Running", False, reason, msg, now, g)
+        conds = clear_condition(conds, "Suspended", reason, msg, now, g)
+        if summary is not None and summary.outcome != Outcome.INVALID_INPUT:
+            update["result"] = _result(summary) or previous.result
+        update["completion_time"] = (
+            previous.completion_time
+            or _parse_time((_job_condition(job, "Failed") or {}).get("lastTransitionTime"))
+            or now
+        )
+    elif job.get("spec", {}).get("suspend") and not job_status.get("active"):
+        phase = "Suspended"
+        if spec.suspend:
+            reason, msg = "SuspendedByUser", "spec.suspend is true: pods stopped, checkpoints kept"
+        elif spec.queue_name:
+            reason, msg = (
+                "WaitingForQueue",
+                f"waiting for Kueue to admit it (queue {spec.queue_name})",
+            )
+        else:
+            reason, msg = "Suspended", "the Job is suspended"
+        conds = set_condition(conds, "Suspended", True, reason, msg, now, g)
+        conds = set_condition(conds, "Running", False, reason, msg, now, g)
+    else:
+        current = ordered[-1] if ordered else None
+        running = (
+            current is not None
+            and current.get("status", {}).get("phase") == "Running"
+            and terminated_state(current) is None
+        )
+        pending = _pending_reason(current) if current is not None and not running else None
+        resumed = ""
+        if preemptions:
+            resumed = f" (resumed after {preemptions} preemption{'s' if preemptions > 1 else ''})"
+        conds = clear_condition(conds, "Suspended", "Resumed", "the Job was resumed", now, g)
+        if running:
+            stage = progress.phase if progress is not None else None
+            if stage == Phase.VALIDATING_DATA:
+                phase = "ValidatingData"
+                reason, msg = "ValidatingData", "the trainer is checking the dataset"
+            else:
+                phase = "Running"
+                reason = "PreemptedResuming" if preemptions else "Training"
+                msg = f"the trainer is {stage.value if stage else 'running'}{resumed}"
+            conds = set_condition(conds, "Running", True, reason, msg, now, g)
+        else:
+            phase = "Pending"
+            if pending is not None:
+                reason, msg = pending
+            elif ordered and is_preempted(ordered[-1]):
+                reason, msg = (
+                    "PreemptedResuming",
+                    ("the trainer was preempted after saving a checkpoint; a new pod resumes it"),
+                )
+            elif ordered and is_oom_killed(ordered[-1]):
+                reason, msg = (
+                    "OOMKilled",
+                    (
+                        "the last attempt was OOM-killed; retrying (raise spec.resources.memory "
+                        "or lower training.batchSize)"
+                    ),
+                )
+            elif ordered and terminated_state(ordered[-1]) is not None:
+                reason, msg = "Retrying", "the last attempt failed; the Job retries"
+            else:
+                reason, msg = "PodStarting", "waiting for the trainer pod to start"
+            conds = set_condition(conds, "Running", False, reason, msg, now, g)
+
+    update["phase"] = phase
+    update["conditions"] = conds
+    return previous.model_copy(update=update)
+
+
+# --------------------------------------------------------------------------------------------
+# patching
+# --------------------------------------------------------------------------------------------
+def status_dict(status: FineTuneJobStatus) -> Obj:
+    """The status as it is stored in the API (camelCase JSON, unset fields omitted)."""
+    return status.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+def merge_patch(old: Obj, new: Obj) -> Obj:
+    """An RFC 7386 merge patch turning `old` into `new` ({} when equal)."""
+    patch: Obj = {}
+    for key in old.keys() - new.keys():
+        patch[key] = None
+    for key, value in new.items():
+        before = old.get(key)
+        if isinstance(value, dict) and isinstance(before, dict):
+            sub = merge_patch(before, value)
+            if sub:
+                patch[key] = sub
+        elif value != before:
+            patch[key] = value
+    return patch
+
+
+def status_patch(old: Obj, new: FineTuneJobStatus) -> Obj:
+    """The merge patch of `.status` from its stored form to `new` ({} when nothing changed)."""
+    return merge_patch(old, status_dict(new))
+
+
+def parse_status(raw: Obj | None) -> FineTuneJobStatus:
+    """The stored status (tolerant: an unreadable status counts as empty)."""
+    try:
+        return FineTuneJobStatus.model_validate(raw or {})
+    except ValueError:
+        return FineTuneJobStatus()

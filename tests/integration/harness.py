@@ -1,0 +1,634 @@
+"""A Kubernetes API (kmock's KubernetesEmulator) plus the parts kmock lacks, for the operator.
+
+- `Cluster`: the emulator on a real HTTP port, in its own thread and event loop, with the
+  resources the operator and kopf touch declared for discovery, a kubeconfig pointing at it,
+  and sync helpers for tests (`get`, `create`, `patch`, `delete`, `wait_for`).
+- `Kubelet`: what the Job controller, the kubelet and the garbage collector would do. It
+  creates the pod a Job asks for and runs the pod's command as a local process (the real
+  trainer, or a stand-in), with the ConfigMap mount, the PVC root and the termination-message
+  file mapped to temp paths and the progress port to a free local port (the pod's containerPort
+  and podIP 127.0.0.1 are patched so the operator polls the local process); then writes pod
+  phase, the trainer's terminated state (exit code, termination message) and the Job's status
+  back, with podFailurePolicy semantics (65 fails the Job, 75 is ignored and retried),
+  backoffLimit, activeDeadlineSeconds and suspend (SIGTERM, pod deleted, Suspended condition).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import signal
+import socket
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import kmock
+import kopf
+from finetune_operator.api import API_VERSION, KIND, PLURAL
+from finetune_operator.kube import Kube, core_path, custom_path, jobs_path
+
+T = TypeVar("T")
+Obj = dict[str, Any]
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+RESOURCES: dict[str, dict[str, Any]] = {
+    "v1/namespaces": {"kind": "Namespace", "namespaced": False},
+    "v1/events": {"kind": "Event", "namespaced": True},
+    "v1/configmaps": {"kind": "ConfigMap", "namespaced": True},
+    "v1/secrets": {"kind": "Secret", "namespaced": True},
+    "v1/pods": {"kind": "Pod", "namespaced": True, "subresources": ["status", "log"]},
+    "batch/v1/jobs": {"kind": "Job", "namespaced": True, "subresources": ["status"]},
+    "events.k8s.io/v1/events": {"kind": "Event", "namespaced": True},
+    "apiextensions.k8s.io/v1/customresourcedefinitions": {
+        "kind": "CustomResourceDefinition",
+        "namespaced": False,
+    },
+    f"{API_VERSION}/{PLURAL}": {
+        "kind": KIND,
+        "namespaced": True,
+        "subresources": ["status"],
+        "shortnames": ["ftj"],
+        "categories": ["finetune"],
+    },
+}
+VERBS = ["get", "list", "watch", "create", "update", "patch", "delete"]
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Cluster:
+    """kmock's KubernetesEmulator serving HTTP from a background thread."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.emulator: Any = None
+        self._server: Any = None
+        self.kube: Kube | None = None
+        self.url = ""
+        self.kubeconfig = tmp / "kubeconfig"
+
+    def __enter__(self) -> Cluster:
+        self._thread.start()
+        self.call(self._start())
+        self.kubeconfig.write_text(
+            "apiVersion: v1\nkind: Config\ncurrent-context: kmock\n"
+            f"clusters: [{{name: kmock, cluster: {{server: '{self.url}'}}}}]\n"
+            "users: [{name: kmock, user: {token: kmock}}]\n"
+            "contexts: [{name: kmock, context: {cluster: kmock, user: kmock, namespace: default}}]\n"
+        )
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.call(self._stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+
+    async def _start(self) -> None:
+        self.emulator = kmock.KubernetesEmulator()
+        await self.emulator.__aenter__()
+        self._server = kmock.Server(self.emulator)
+        await self._server.__aenter__()
+        for key, info in RESOURCES.items():
+            self.emulator.resources[key] = {"verbs": VERBS, **info}
+        self.url = str(self._server.url).rstrip("/")
+        self.kube = Kube(kopf.ConnectionInfo(server=self.url))
+
+    async def _stop(self) -> None:
+        if self.kube is not None:
+            await self.kube.close()
+        await self._server.__aexit__(None, None, None)
+        await self.emulator.__aexit__(None, None, None)
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 60) -> T:
+        """Run a coroutine in the emulator's loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    # ---- sync REST helpers ---------------------------------------------------------------
+    @property
+    def api(self) -> Kube:
+        assert self.kube is not None
+        return self.kube
+
+    def get(self, path: str) -> Obj | None:
+        return self.call(self.api.get_or_none(path))
+
+    def list(self, path: str) -> list[Obj]:
+        return list(self.call(self.api.get(path)).get("items") or [])
+
+    def create(self, path: str, body: Obj) -> Obj:
+        return self.call(self.api.create(path, body))
+
+    def patch(self, path: str, body: Obj) -> Obj:
+        return self.call(self.api.patch(path, body))
+
+    def delete(self, path: str) -> Obj | None:
+        return self.call(self.api.delete(path))
+
+    def apply_ftj(self, name: str, spec: Obj, namespace: str = "default") -> Obj:
+        """Create a FineTuneJob with what the API server would add (uid, generation, time)."""
+        return self.create(
+            custom_path(namespace),
+            {
+                "apiVersion": API_VERSION,
+                "kind": KIND,
+                "metadata": {
+                    "name": name,
+                    "namespace": namespace,
+                    "uid": str(uuid.uuid4()),
+                    "generation": 1,
+                    "resourceVersion": "1",
+                    "creationTimestamp": now_iso(),
+                },
+                "spec": spec,
+            },
+        )
+
+    def ftj(self, name: str, namespace: str = "default") -> Obj | None:
+        return self.get(custom_path(namespace, name))
+
+    def job(self, name: str, namespace: str = "default") -> Obj | None:
+        return self.get(jobs_path(namespace, name))
+
+    def pods(self, name: str, namespace: str = "default") -> list[Obj]:
+        return self.call(self.api.job_pods(namespace, name))
+
+    def events(self, name: str, namespace: str = "default") -> list[Obj]:
+        return [
+            e
+            for e in self.list(core_path(namespace, "events"))
+            if (e.get("involvedObject") or {}).get("name") == name
+        ]
+
+    def count(self, resource: str, namespace: str, name: str) -> int:
+        """How many times an object was created (from the emulator's history)."""
+
+        async def _count() -> int:
+            res = kmock.resource(resource)
+            total = 0
+            for (r, ns, n), obj in list(self.emulator.objects.items()):
+                if r == res and ns == namespace and n == name:
+                    history = [v for v in obj.history]
+                    total += sum(
+                        1
+                        for prev, cur in zip([None, *history], history, strict=False)
+                        if prev is None and cur is not None
+                    )
+            return total
+
+        return self.call(_count())
+
+    def wait_for(
+        self, check: Callable[[], T], timeout: float = 30, interval: float = 0.1, what: str = ""
+    ) -> T:
+        """Poll `check` until it returns something truthy."""
+        deadline = time.monotonic() + timeout
+        last: Any = None
+        while time.monotonic() < deadline:
+            try:
+                last = check()
+            except Exception as exc:  # a transient read error: try again
+                last = exc
+            if last and not isinstance(last, Exception):
+                return last
+            time.sleep(interval)
+        raise AssertionError(f"timed out waiting for {what or check}: last={last!r}")
+
+
+@dataclass
+class Run:
+    """One Job as the Job controller and the kubelet see it."""
+
+    namespace: str
+    name: str
+    uid: str
+    started: float | None = None
+    failed: int = 0
+    attempt: int = 0
+    pod: str | None = None
+    proc: asyncio.subprocess.Process | None = None
+    term_file: Path | None = None
+    log_file: Path | None = None
+    stopping: bool = False
+    deadline_exceeded: bool = False
+    done: bool = False
+
+
+@dataclass
+class Kubelet:
+    """Job controller + kubelet + garbage collector for the emulator (see module docstring)."""
+
+    cluster: Cluster
+    tmp: Path
+    command: list[str] | None = None  # override of the pod's command (e.g. the fake trainer)
+    env: dict[str, str] = field(default_factory=dict)  # extra env for the trainer process
+    interval: float = 0.1
+    runs: dict[tuple[str, str], Run] = field(default_factory=dict)
+    pvc_root: Path = field(init=False)
+    _task: Any = None
+    _stop: bool = False
+    errors: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.pvc_root = self.tmp / "pvc"
+        self.pvc_root.mkdir(parents=True, exist_ok=True)
+
+    def start(self) -> Kubelet:
+        self._task = asyncio.run_coroutine_threadsafe(self._loop(), self.cluster.loop)
+        return self
+
+    def stop(self) -> None:
+        self._stop = True
+        if self._task is not None:
+            try:
+                self._task.result(30)
+            except Exception as exc:
+                self.errors.append(repr(exc))
+        for run in self.runs.values():
+            if run.proc is not None and run.proc.returncode is None:
+                run.proc.kill()
+
+    @property
+    def api(self) -> Kube:
+        return self.cluster.api
+
+    async def _loop(self) -> None:
+        while not self._stop:
+            try:
+                await self._tick()
+            except Exception as exc:
+                self.errors.append(repr(exc))
+            await asyncio.sleep(self.interval)
+        for run in self.runs.values():
+            if run.proc is not None and run.proc.returncode is None:
+                run.proc.kill()
+                await run.proc.wait()
+
+    async def _tick(self) -> None:
+        await self._collect_garbage()
+        jobs = (await self.api.get("/apis/batch/v1/jobs")).get("items") or []
+        seen = set()
+        for job in jobs:
+            meta = job["metadata"]
+            key = (meta["namespace"], meta["name"])
+            seen.add(key)
+            if key not in self.runs:
+                uid = meta.get("uid") or str(uuid.uuid4())
+                if not meta.get("uid"):
+                    await self.api.patch(
+                        jobs_path(*key),
+                        {"metadata": {"uid": uid, "creationTimestamp": now_iso()}},
+                    )
+                self.runs[key] = Run(namespace=key[0], name=key[1], uid=uid)
+            await self._sync(self.runs[key], job)
+        for key, run in list(self.runs.items()):
+            if key not in seen:  # Job deleted: its pods go too
+                await self._kill(run)
+                for pod in await self._pods(run):
+                    await self.api.delete(core_path(run.namespace, "pods", pod["metadata"]["name"]))
+                del self.runs[key]
+
+    async def _collect_garbage(self) -> None:
+        """Delete Jobs, ConfigMaps and pods whose owner is gone (the GC's job)."""
+        owners = set()
+        for kind_path in ("/apis/batch/v1/jobs", "/api/v1/configmaps", "/api/v1/pods"):
+            items = (await self.api.get(kind_path)).get("items") or []
+            for obj in items:
+                refs = obj["metadata"].get("ownerReferences") or []
+                if not refs:
+                    continue
+                if not owners:
+                    owners = await self._owner_uids()
+                if not any(ref.get("uid") in owners for ref in refs):
+                    ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
+                    path = {
+                        "/apis/batch/v1/jobs": jobs_path(ns, name),
+                        "/api/v1/configmaps": core_path(ns, "configmaps", name),
+                        "/api/v1/pods": core_path(ns, "pods", name),
+                    }[kind_path]
+                    await self.api.delete(path)
+
+    async def _owner_uids(self) -> set[str]:
+        uids = {"-"}
+        for path in (custom_path(None), "/apis/batch/v1/jobs"):
+            for obj in (await self.api.get(path)).get("items") or []:
+                if not obj["metadata"].get("deletionTimestamp") or path != custom_path(None):
+                    uids.add(obj["metadata"].get("uid"))
+        return uids
+
+    async def _pods(self, run: Run) -> list[Obj]:
+        items = (await self.api.get(core_path(run.namespace, "pods"))).get("items") or []
+        return [p for p in items if (p["metadata"].get("labels") or {}).get("job-name") == run.name]
+
+    async def _job_status(self, run: Run, status: Obj) -> None:
+        await self.api.patch(jobs_path(run.namespace, run.name), {"status": status})
+
+    @staticmethod
+    def _cond(type_: str, status: str = "True", reason: str = "", message: str = "") -> Obj:
+        return {
+            "type": type_,
+            "status": status,
+            "reason": reason,
+            "message": message,
+            "lastTransitionTime": now_iso(),
+            "lastProbeTime": now_iso(),
+        }
+
+    async def _sync(self, run: Run, job: Obj) -> None:
+        if run.done:
+            return
+        spec = job.get("spec") or {}
+        status = job.get("status") or {}
+        running = run.proc is not None and run.proc.returncode is None
+        if run.proc is not None and run.proc.returncode is not None and run.pod:
+            await self._exited(run, job)
+            return
+        if spec.get("suspend"):
+            if running:
+                run.stopping = True
+                run.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+                return  # its exit is handled (pod deleted) when it ends
+            if not any(c.get("type") == "Suspended" for c in status.get("conditions") or []):
+                await self._job_status(
+                    run,
+                    {
+                        "active": 0,
+                        "conditions": [
+                            self._cond("Suspended", reason="JobSuspended", message="Job suspended")
+                        ],
+                    },
+                )
+            return
+        deadline = spec.get("activeDeadlineSeconds")
+        if running and deadline and run.started and time.monotonic() - run.started > deadline:
+            run.deadline_exceeded = True
+            run.stopping = True
+            run.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+            return
+        if not running:
+            await self._start_pod(run, job)
+
+    async def _start_pod(self, run: Run, job: Obj) -> None:
+        template = job["spec"]["template"]
+        pod_spec = dict(template["spec"])
+        container = dict(pod_spec["containers"][0])
+        port = free_port()
+        container["ports"] = [
+            {**p, "containerPort": port} if p.get("name") == "progress" else p
+            for p in container.get("ports") or []
+        ]
+        pod_spec["containers"] = [container, *pod_spec["containers"][1:]]
+        run.attempt += 1
+        pod_name = f"{run.name}-{secrets.token_hex(3)}"
+        labels = {
+            **(template.get("metadata", {}).get("labels") or {}),
+            "job-name": run.name,
+            "controller-uid": run.uid,
+            "batch.kubernetes.io/job-name": run.name,
+            "batch.kubernetes.io/controller-uid": run.uid,
+        }
+        await self.api.create(
+            core_path(run.namespace, "pods"),
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {
+                    "name": pod_name,
+                    "namespace": run.namespace,
+                    "uid": str(uuid.uuid4()),
+                    "creationTimestamp": now_iso(),
+                    "labels": labels,
+                    "ownerReferences": [
+                        {
+                            "apiVersion": "batch/v1",
+                            "kind": "Job",
+                            "name": run.name,
+                            "uid": run.uid,
+                            "controller": True,
+                        }
+                    ],
+                },
+                "spec": pod_spec,
+                "status": {"phase": "Pending"},
+            },
+        )
+        run.pod = pod_name
+        if run.started is None:
+            run.started = time.monotonic()
+            await self._job_status(run, {"startTime": now_iso(), "active": 1})
+        else:
+            await self._job_status(run, {"active": 1, "conditions": []})
+
+        work = self.tmp / f"{run.namespace}-{pod_name}"
+        work.mkdir(parents=True)
+        env = await self._env(run, container, work, port)
+        command = list(self.command or container["command"])
+        if command[0] == "python":
+            command[0] = sys.executable
+        run.term_file = Path(env["FINETUNE_TERMINATION_MESSAGE_PATH"])
+        run.log_file = work / "log.txt"
+        with run.log_file.open("wb") as log:
+            run.proc = await asyncio.create_subprocess_exec(
+                *command, env=env, cwd=str(REPO_ROOT), stdout=log, stderr=log
+            )
+        await self.api.patch(
+            core_path(run.namespace, "pods", pod_name),
+            {
+                "status": {
+                    "phase": "Running",
+                    "podIP": "127.0.0.1",
+                    "startTime": now_iso(),
+                    "conditions": [{"type": "PodScheduled", "status": "True"}],
+                    "containerStatuses": [
+                        {
+                            "name": "trainer",
+                            "ready": True,
+                            "restartCount": 0,
+                            "state": {"running": {"startedAt": now_iso()}},
+                        }
+                    ],
+                }
+            },
+        )
+
+    async def _env(self, run: Run, container: Obj, work: Path, port: int) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FINETUNE_")}
+        for item in container.get("env") or []:
+            if "value" in item:
+                env[item["name"]] = item["value"]
+            elif ref := (item.get("valueFrom") or {}).get("secretKeyRef"):
+                secret = await self.api.get_or_none(
+                    core_path(run.namespace, "secrets", ref["name"])
+                )
+                if secret and ref["key"] in (secret.get("stringData") or {}):
+                    env[item["name"]] = secret["stringData"][ref["key"]]
+        config_dir = work / "config"
+        config_dir.mkdir()
+        for volume in await self._configmap_volumes(run, container):
+            for key, value in volume.items():
+                (config_dir / key).write_text(value)
+        (work / "tmp").mkdir()
+        env.update(
+            {
+                "FINETUNE_CONFIG": str(config_dir / "config.json"),
+                "FINETUNE_PVC_ROOT": str(self.pvc_root),
+                "FINETUNE_TERMINATION_MESSAGE_PATH": str(work / "termination-log"),
+                "FINETUNE_PROGRESS_PORT": str(port),
+                "HOME": str(work / "tmp"),
+                "HF_HOME": str(work / "tmp" / "hf"),
+                "HF_HUB_OFFLINE": "1",
+                **self.env,
+            }
+        )
+        return env
+
+    async def _configmap_volumes(self, run: Run, container: Obj) -> list[dict[str, str]]:
+        job = await self.api.get(jobs_path(run.namespace, run.name))
+        out = []
+        for volume in job["spec"]["template"]["spec"].get("volumes") or []:
+            if "configMap" in volume:
+                cm = await self.api.get(
+                    core_path(run.namespace, "configmaps", volume["configMap"]["name"])
+                )
+                out.append(dict(cm.get("data") or {}))
+        return out
+
+    async def _kill(self, run: Run) -> None:
+        if run.proc is not None and run.proc.returncode is None:
+            run.proc.kill()
+            await run.proc.wait()
+
+    async def _exited(self, run: Run, job: Obj) -> None:
+        assert run.proc is not None and run.pod is not None
+        code = run.proc.returncode or 0
+        message = ""
+        if run.term_file is not None and run.term_file.exists():
+            message = run.term_file.read_text()
+        if not message and code != 0 and run.log_file is not None and run.log_file.exists():
+            message = run.log_file.read_text()[-2048:]  # FallbackToLogsOnError
+        pod_path = core_path(run.namespace, "pods", run.pod)
+        terminated = {
+            "exitCode": code,
+            "reason": "Completed" if code == 0 else "Error",
+            "message": message,
+            "startedAt": now_iso(),
+            "finishedAt": now_iso(),
+        }
+        pod_conditions = [{"type": "PodScheduled", "status": "True"}]
+        if run.stopping and not run.deadline_exceeded:
+            pod_conditions.append(
+                {"type": "DisruptionTarget", "status": "True", "reason": "JobSuspended"}
+            )
+        await self.api.patch(
+            pod_path,
+            {
+                "status": {
+                    "phase": "Succeeded" if code == 0 else "Failed",
+                    "conditions": pod_conditions,
+                    "containerStatuses": [
+                        {
+                            "name": "trainer",
+                            "ready": False,
+                            "restartCount": 0,
+                            "state": {"terminated": terminated},
+                        }
+                    ],
+                }
+            },
+        )
+        run.proc = None
+        backoff = int(job["spec"].get("backoffLimit", 6))
+        if run.deadline_exceeded:
+            run.done = True
+            await self._job_status(
+                run,
+                {
+                    "active": 0,
+                    "failed": run.failed + 1,
+                    "conditions": [
+                        self._cond(
+                            "Failed",
+                            reason="DeadlineExceeded",
+                            message="Job was active longer than specified deadline",
+                        )
+                    ],
+                },
+            )
+        elif run.stopping:  # suspended: the Job controller deletes the pod; not a failure
+            run.stopping = False
+            await self.api.delete(pod_path)
+            run.pod = None
+        elif code == 0:
+            run.done = True
+            await self._job_status(
+                run,
+                {
+                    "active": 0,
+                    "succeeded": 1,
+                    "completionTime": now_iso(),
+                    "conditions": [self._cond("Complete", reason="CompletionsReached")],
+                },
+            )
+        elif code == 65:  # podFailurePolicy: FailJob
+            run.done = True
+            await self._job_status(
+                run,
+                {
+                    "active": 0,
+                    "failed": run.failed + 1,
+                    "conditions": [
+                        self._cond(
+                            "Failed",
+                            reason="PodFailurePolicy",
+                            message=f"Container trainer for pod {run.namespace}/{run.pod} failed "
+                            "with exit code 65 matching FailJob rule at index 1",
+                        )
+                    ],
+                },
+            )
+        elif code == 75:  # podFailurePolicy: Ignore -> a new pod, not counted
+            await self._job_status(run, {"active": 0})
+        else:
+            run.failed += 1
+            if run.failed > backoff:
+                run.done = True
+                await self._job_status(
+                    run,
+                    {
+                        "active": 0,
+                        "failed": run.failed,
+                        "conditions": [
+                            self._cond(
+                                "Failed",
+                                reason="BackoffLimitExceeded",
+                                message="Job has reached the specified backoff limit",
+                            )
+                        ],
+                    },
+                )
+            else:
+                await self._job_status(run, {"active": 0, "failed": run.failed})
+
+    def logs(self) -> str:
+        """All trainer logs, for failure messages."""
+        out = []
+        for path in sorted(self.tmp.glob("*/log.txt")):
+            out.append(f"--- {path.parent.name}\n{path.read_text()[-4000:]}")
+        return "\n".join(out)
