@@ -1,0 +1,477 @@
+"""The dataset pipeline: load -> detect -> validate -> clean -> tokenize -> split -> datasets.
+
+`prepare_dataset` is what a run calls before loading any model; `validate_dataset` is what
+`finetune validate` calls. Both collect every problem before failing, so one DatasetError lists
+all of them (first examples of each kind, with line numbers, and counts).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from finetune_trainer.config import DatasetSpec, SplitSpec, TaskType
+from finetune_trainer.data.formats import check_record, detect_format, unused_fields
+from finetune_trainer.data.labels import (
+    LabelMapper,
+    check_label_balance,
+    label_set,
+    map_labels,
+)
+from finetune_trainer.data.loading import load_records, load_source
+from finetune_trainer.data.records import Origin, RawDataset
+from finetune_trainer.data.report import DatasetError, ValidationReport
+from finetune_trainer.data.split import ratio_split
+from finetune_trainer.data.stats import SplitStats, TokenStats
+from finetune_trainer.data.templates import (
+    ChatRenderer,
+    Rendered,
+    TemplateError,
+    render_alpaca,
+    render_completion,
+    render_text,
+)
+from finetune_trainer.data.tokenize import tokenize_rendered, tokenize_texts
+
+BOUNDARY_FORMATS = ("alpaca", "chat", "completion")
+
+
+@dataclass
+class PreparedDataset:
+    """Tokenized splits ready for a trainer, plus what was detected, checked and counted.
+
+    Causal LM splits have columns ``input_ids`` (ends with eos unless truncated) and
+    ``completion_mask`` (1 on the tokens the loss counts). Sequence classification splits have
+    ``input_ids``, ``attention_mask`` and ``labels`` (ids into ``label_names``).
+    """
+
+    train: Any
+    eval: Any | None
+    test: Any | None
+    format: str
+    label_names: list[str] | None
+    report: ValidationReport
+    stats: TokenStats
+    completion_only_loss: bool = False
+
+    def estimated_trained_tokens(self, epochs: float) -> int:
+        """Tokens the run will process: training tokens x epochs."""
+        return self.stats.estimated_trained_tokens(epochs)
+
+
+@dataclass
+class _Part:
+    """One split's examples while they move through the pipeline."""
+
+    name: str
+    records: list[Any] = field(default_factory=list)
+    origins: list[Origin] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)
+    input_ids: list[list[int]] = field(default_factory=list)
+    masks: list[list[int]] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+
+    def take(self, indices: list[int], name: str) -> _Part:
+        def pick(values: list[Any]) -> list[Any]:
+            return [values[i] for i in indices] if values else []
+
+        return _Part(
+            name,
+            pick(self.records),
+            pick(self.origins),
+            pick(self.keys),
+            pick(self.input_ids),
+            pick(self.masks),
+            pick(self.labels),
+        )
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+
+class _Pipeline:
+    def __init__(self, spec: DatasetSpec, task: TaskType, tokenizer: Any, seed: int) -> None:
+        self.spec = spec
+        self.task = task
+        self.tokenizer = tokenizer
+        self.seed = seed
+        self.report = ValidationReport(spec.source or "dataset.inline")
+        self.stats = TokenStats(max_seq_length=spec.max_seq_length)
+        self.format = ""
+        self.completion_only = False
+        self.renderer: ChatRenderer | None = None
+        self.label_names: list[str] | None = None
+
+    # -- loading ------------------------------------------------------------------------------
+    def _absorb(self, raw: RawDataset) -> None:
+        self.report.records += len(raw) + len(raw.errors)
+        for issue in raw.errors:
+            self.report.add_issue(issue)
+
+    def _load(self, source: str | None) -> RawDataset | None:
+        try:
+            raw = load_records(self.spec) if source is None else load_source(source)
+        except DatasetError as exc:
+            for group in exc.report.groups.values():
+                for issue in group.examples:
+                    self.report.add_issue(issue, severity=group.severity)
+            return None
+        self._absorb(raw)
+        if not raw.records and not raw.errors:
+            self.report.add("source", f"{raw.source} holds no records")
+        return raw
+
+    # -- format and settings ------------------------------------------------------------------
+    def _decide_format(self, raw: RawDataset) -> None:
+        spec = self.spec
+        if spec.format != "auto":
+            fmt: str | None = spec.format
+            reason = "set in dataset.format"
+        else:
+            fmt, reason = detect_format(raw.records, self.task)
+        if fmt is None:
+            self.report.add("unknown_format", reason)
+            raise DatasetError(self.report)
+        self.format = fmt
+        self.report.format, self.report.format_reason = fmt, reason
+        extra = unused_fields(raw.records, fmt)
+        if extra:
+            listed = ", ".join(f"{k} ({n} records)" for k, n in extra.most_common(8))
+            self.report.note(f"fields not used by the {fmt} format are ignored: {listed}")
+        if fmt == "classification":
+            self.completion_only = False
+        elif spec.completion_only_loss is None:
+            self.completion_only = fmt in BOUNDARY_FORMATS
+        elif spec.completion_only_loss and fmt not in BOUNDARY_FORMATS:
+            self.report.add(
+                "settings",
+                f"dataset.completionOnlyLoss: {fmt} data has no prompt/completion boundary; "
+                "set it to false or use alpaca, chat or completion data",
+            )
+        else:
+            self.completion_only = bool(spec.completion_only_loss)
+        if fmt != "classification":
+            what = "completion/assistant tokens and eos" if self.completion_only else "all tokens"
+            self.report.note(f"loss on {what}")
+        if spec.template is not None and fmt != "chat":
+            self.report.warn(f"dataset.template is only used by chat data; ignored for {fmt}")
+        if spec.system_prompt is not None and fmt != "chat":
+            self.report.warn(f"dataset.systemPrompt is only used by chat data; ignored for {fmt}")
+        if fmt == "chat":
+            self._setup_chat()
+
+    def _setup_chat(self) -> None:
+        tok = self.tokenizer
+        if tok is None and self.spec.template not in (None, "chatml"):
+            return  # a Jinja template needs the tokenizer; validate without one skips rendering
+        self.renderer = ChatRenderer(tok, self.spec.template, self.spec.system_prompt)
+        self.report.note(f"chat rendered with {self.renderer.description}")
+        if self.renderer.is_chatml and tok is not None:
+            vocab = tok.get_vocab()
+            if "<|im_start|>" not in vocab or "<|im_end|>" not in vocab:
+                self.report.warn(
+                    "ChatML markers <|im_start|>/<|im_end|> are not tokens of this tokenizer; "
+                    "they are tokenized as plain text (add them as special tokens, or set "
+                    "dataset.template to a template the model knows)"
+                )
+
+    # -- per-record checks --------------------------------------------------------------------
+    def _validate(self, raw: RawDataset, name: str) -> _Part:
+        part = _Part(name)
+        issues: list[Any] = []
+        for record, origin in zip(raw.records, raw.origins, strict=True):
+            clean = check_record(record, self.format, origin, issues)
+            if clean is not None:
+                part.records.append(clean)
+                part.origins.append(origin)
+        for issue in issues:
+            self.report.add_issue(issue)
+        return self._dedup(part)
+
+    def _dedup(self, part: _Part) -> _Part:
+        policy = self.spec.duplicates
+        action = "dropped" if policy == "drop" else "kept"
+        seen: dict[str, Origin] = {}
+        keep: list[int] = []
+        keys: list[str] = []
+        for i, (record, origin) in enumerate(zip(part.records, part.origins, strict=True)):
+            key = json.dumps(record, sort_keys=True, ensure_ascii=False)
+            first = seen.get(key)
+            if first is not None:
+                self.report.add(
+                    "duplicate", f"same as {first}", origin, severity="warning", action=action
+                )
+                self.stats.dropped_duplicates += policy == "drop"
+                if policy == "drop":
+                    continue
+            else:
+                seen[key] = origin
+            keep.append(i)
+            keys.append(key)
+        out = part.take(keep, part.name)
+        out.keys = keys
+        return out
+
+    # -- labels -------------------------------------------------------------------------------
+    def _labels(self, parts: list[_Part], source_names: list[str] | None) -> None:
+        train = parts[0]
+        found = [r["label"] for r in train.records]
+        names, origin = label_set(found, self.spec.labels, source_names)
+        self.label_names = names
+        self.report.note(f"labels from {origin}: {', '.join(names[:20])}")
+        mapper = LabelMapper(names, ints_are_ids=bool(self.spec.labels or source_names))
+        where = "dataset.labels" if self.spec.labels else "the training data"
+        counts: dict[str, dict[str, int]] = {}
+        for part in parts:
+            ids = map_labels(
+                [r["label"] for r in part.records], part.origins, mapper, self.report, where
+            )
+            keep = [i for i, v in enumerate(ids) if v is not None]
+            kept = part.take(keep, part.name)
+            part.records, part.origins, part.keys = kept.records, kept.origins, kept.keys
+            part.labels = [v for v in ids if v is not None]
+            counts[part.name] = check_label_balance(part.labels, names, self.report, part.name)
+        self.stats.label_counts = counts
+
+    # -- rendering and tokenization -----------------------------------------------------------
+    def _render(self, part: _Part) -> list[Rendered | None]:
+        out: list[Rendered | None] = []
+        render = {
+            "alpaca": render_alpaca,
+            "completion": render_completion,
+            "text": render_text,
+            "classification": render_text,
+        }
+        for record, origin in zip(part.records, part.origins, strict=True):
+            try:
+                if self.format == "chat":
+                    assert self.renderer is not None
+                    out.append(self.renderer.render(record))
+                else:
+                    out.append(render[self.format](record))
+            except TemplateError as exc:
+                self.report.add("template_error", str(exc), origin)
+                out.append(None)
+        return out
+
+    def _tokenize(self, part: _Part) -> None:
+        if self.format == "chat" and self.renderer is None:
+            return
+        rendered = self._render(part)
+        keep = [i for i, r in enumerate(rendered) if r is not None]
+        if len(keep) < len(part):
+            kept = part.take(keep, part.name)
+            part.records, part.origins, part.keys = kept.records, kept.origins, kept.keys
+        usable = [r for r in rendered if r is not None]
+        if self.tokenizer is None:
+            return
+        if self.format == "classification":
+            part.input_ids = tokenize_texts(self.tokenizer, [r.text for r in usable])
+            part.masks = [[1] * len(ids) for ids in part.input_ids]
+        else:
+            tokenized = tokenize_rendered(
+                self.tokenizer,
+                usable,
+                add_special_tokens=self.format != "chat",
+                completion_only=self.completion_only,
+                add_eos=self.tokenizer.eos_token_id is not None,
+            )
+            part.input_ids, part.masks = tokenized.input_ids, tokenized.masks
+        self._apply_length_policy(part, usable)
+
+    def _apply_length_policy(self, part: _Part, rendered: list[Rendered]) -> None:
+        limit = self.spec.max_seq_length
+        policy = self.spec.overlong
+        keep: list[int] = []
+        retokenize: list[int] = []
+        for i, (ids, mask, origin) in enumerate(
+            zip(part.input_ids, part.masks, part.origins, strict=True)
+        ):
+            if len(ids) > limit:
+                message = f"{len(ids)} tokens > maxSeqLength {limit}"
+                if policy == "error":
+                    self.report.add("overlong", message, origin)
+                    continue
+                if policy == "drop":
+                    self.report.add(
+                        "overlong", message, origin, severity="warning", action="dropped"
+                    )
+                    self.stats.dropped_overlong += 1
+                    continue
+                self.report.add("overlong", message, origin, severity="warning", action="truncated")
+                self.stats.truncated += 1
+                if self.format == "classification":
+                    retokenize.append(i)
+                else:
+                    part.input_ids[i], part.masks[i] = ids[:limit], mask[:limit]
+                    mask = part.masks[i]
+            if self.completion_only and not any(mask):
+                self.report.add(
+                    "no_loss_tokens",
+                    "the prompt fills maxSeqLength; nothing of the response is left to learn",
+                    origin,
+                    severity="warning",
+                    action="dropped",
+                )
+                self.stats.dropped_no_loss += 1
+                continue
+            keep.append(i)
+        if retokenize:
+            texts = [rendered[i].text for i in retokenize]
+            for i, ids in zip(
+                retokenize, tokenize_texts(self.tokenizer, texts, limit), strict=True
+            ):
+                part.input_ids[i] = ids
+                part.masks[i] = [1] * len(ids)
+        if len(keep) < len(part):
+            kept = part.take(keep, part.name)
+            part.records, part.origins, part.keys = kept.records, kept.origins, kept.keys
+            part.input_ids, part.masks, part.labels = kept.input_ids, kept.masks, kept.labels
+
+    # -- the whole thing ----------------------------------------------------------------------
+    def run(self, build: bool) -> PreparedDataset:
+        spec = self.spec
+        raw = self._load(None)
+        if raw is None or not raw.records:
+            raise DatasetError(self.report)
+        self._decide_format(raw)
+        parts = [self._validate(raw, "train")]
+        held: dict[str, SplitSpec] = {}
+        for name, split in (("validation", spec.validation), ("test", spec.test)):
+            if split is None:
+                continue
+            if split.source is None:
+                held[name] = split
+                continue
+            other = self._load(split.source)
+            if other is not None:
+                parts.append(self._validate(other, name))
+        if self.format == "classification":
+            self._labels(parts, raw.label_names)
+        if self.tokenizer is None:
+            self.report.warn("no tokenizer given: token lengths and templates were not checked")
+        for part in parts:
+            self._tokenize(part)
+        self._check_leaks(parts)
+        if not self.report.ok:
+            raise DatasetError(self.report)
+        train = parts[0]
+        by_name = {p.name: p for p in parts[1:]}
+        if held:
+            v = held.get("validation")
+            t = held.get("test")
+            train_idx, val_idx, test_idx = ratio_split(
+                len(train),
+                validation=v.split_ratio if v else None,
+                test=t.split_ratio if t else None,
+                seed=self.seed,
+                report=self.report,
+            )
+            if v:
+                by_name["validation"] = train.take(val_idx, "validation")
+            if t:
+                by_name["test"] = train.take(test_idx, "test")
+            train = train.take(train_idx, "train")
+        elif not len(train):
+            self.report.add("split", "no usable training examples are left")
+            raise DatasetError(self.report)
+        for name, part in by_name.items():
+            if not len(part):
+                self.report.add("split", f"dataset.{name}: no usable examples are left")
+        if not self.report.ok:
+            raise DatasetError(self.report)
+        ordered = [train, *(by_name[n] for n in ("validation", "test") if n in by_name)]
+        if self.tokenizer is not None:
+            for part in ordered:
+                lengths = [len(ids) for ids in part.input_ids]
+                in_loss = (
+                    [0] * len(lengths)
+                    if self.format == "classification"
+                    else [sum(m) for m in part.masks]
+                )
+                self.stats.splits[part.name] = SplitStats.of(lengths, in_loss)
+            if self.label_names is not None and held:
+                names = self.label_names
+                self.stats.label_counts = {
+                    p.name: {n: p.labels.count(i) for i, n in enumerate(names)} for p in ordered
+                }
+        else:
+            for part in ordered:
+                self.stats.splits[part.name] = SplitStats(examples=len(part))
+        if self.renderer is not None and self.renderer.non_incremental:
+            self.report.warn(
+                f"the chat template rewrites earlier turns for {self.renderer.non_incremental} "
+                "assistant turns; for those only the assistant content (not its end-of-turn "
+                "marker) is in the loss"
+            )
+        self.report.stats = self.stats
+        datasets = {p.name: self._build(p) if build else None for p in ordered}
+        return PreparedDataset(
+            train=datasets["train"],
+            eval=datasets.get("validation"),
+            test=datasets.get("test"),
+            format=self.format,
+            label_names=self.label_names,
+            report=self.report,
+            stats=self.stats,
+            completion_only_loss=self.completion_only,
+        )
+
+    def _check_leaks(self, parts: list[_Part]) -> None:
+        if len(parts) < 2:
+            return
+        train_keys = dict(zip(parts[0].keys, parts[0].origins, strict=True))
+        for part in parts[1:]:
+            leaks = [
+                (origin, train_keys[key])
+                for key, origin in zip(part.keys, part.origins, strict=True)
+                if key in train_keys
+            ]
+            if leaks:
+                origin, first = leaks[0]
+                self.report.warn(
+                    f"{len(leaks)} {part.name} records also appear in the training data "
+                    f"(e.g. {origin} = {first}); evaluation on them overstates quality"
+                )
+
+    def _build(self, part: _Part) -> Any:
+        if self.tokenizer is None:
+            return None
+        from datasets import Dataset
+
+        if self.format == "classification":
+            return Dataset.from_dict(
+                {
+                    "input_ids": part.input_ids,
+                    "attention_mask": part.masks,
+                    "labels": part.labels,
+                }
+            )
+        return Dataset.from_dict({"input_ids": part.input_ids, "completion_mask": part.masks})
+
+
+def prepare_dataset(
+    spec: DatasetSpec, task: TaskType, tokenizer: Any, *, seed: int
+) -> PreparedDataset:
+    """Load, check, clean, tokenize and split the dataset of a run.
+
+    Raises DatasetError (exit code 65, never retried) listing every hard problem found.
+    I/O errors other than a missing source (network, permissions) propagate unchanged.
+    """
+    if tokenizer is None:
+        raise ValueError("prepare_dataset needs a tokenizer (use validate_dataset without one)")
+    return _Pipeline(spec, task, tokenizer, seed).run(build=True)
+
+
+def validate_dataset(
+    spec: DatasetSpec, task: TaskType, tokenizer: Any = None, *, seed: int = 42
+) -> ValidationReport:
+    """Run every check of prepare_dataset without building datasets; never raises DatasetError.
+
+    Without a tokenizer, token lengths (and Jinja chat templates) are not checked.
+    """
+    try:
+        return _Pipeline(spec, task, tokenizer, seed).run(build=False).report
+    except DatasetError as exc:
+        return exc.report
