@@ -54,6 +54,10 @@ NON_DEFAULT = {
         "--set",
         "image.tag=dev",
         "--set",
+        "logFormat=json",
+        "--set",
+        "metrics.port=9191",
+        "--set",
         "trainer.image.repository=registry.example.com/trainer",
     ],
     "cluster-netpol": [
@@ -188,7 +192,7 @@ def test_service_monitor_scrapes_the_metrics_service(
         {"port": "metrics", "path": "/metrics", "interval": "30s", "scrapeTimeout": "10s"}
     ]
     assert service["spec"]["ports"] == [
-        {"name": "metrics", "port": 9090, "targetPort": "metrics", "protocol": "TCP"}
+        {"name": "metrics", "port": 9191, "targetPort": "metrics", "protocol": "TCP"}
     ]
     assert not [d for d in render() if d["kind"] == "ServiceMonitor"]
 
@@ -344,6 +348,9 @@ def test_operator_command_and_policy_env(render: Callable[..., list[Manifest]]) 
     assert custom["FINETUNE_MAX_GPUS_PER_JOB"] == "2"
     assert custom["FINETUNE_ALLOWED_NAMESPACES"] == "team-a"
     assert custom["FINETUNE_POLL_INTERVAL_SECONDS"] == "10"
+    assert custom["FINETUNE_METRICS_PORT"] == "9191"
+    assert env["FINETUNE_METRICS_PORT"] == "9090"
+    assert "--log-format=json" in _container(render(*NON_DEFAULT["namespaced"]))["args"]
     assert custom["FINETUNE_DEFAULT_IMAGE"] == (
         f"registry.example.com/trainer:{_pyproject_version()}"
     )

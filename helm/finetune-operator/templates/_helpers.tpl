@@ -57,6 +57,9 @@ app.kubernetes.io/part-of: finetune-operator
 - -m
 - finetune_operator.main
 - --liveness=http://0.0.0.0:{{ .Values.health.port }}/healthz
+{{- with .Values.logFormat }}
+- --log-format={{ . }}
+{{- end }}
 {{- if .Values.watchNamespaces }}
 {{- range .Values.watchNamespaces }}
 - --namespace={{ . }}
