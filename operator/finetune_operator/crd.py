@@ -152,13 +152,17 @@ SPEC_RULES: dict[tuple[str, ...], list[dict[str, str]]] = {
     ],
 }
 for _field in IMMUTABLE_SPEC_FIELDS:
-    SPEC_RULES.setdefault((_field,), []).append(
-        _rule(
-            "self == oldSelf",
-            f"spec.{_field} is immutable: create a new FineTuneJob to change the run "
-            "(suspend may still be changed)",
-        )
+    _immutable = (
+        f"spec.{_field} is immutable: create a new FineTuneJob to change the run "
+        "(suspend may still be changed)"
     )
+    SPEC_RULES.setdefault((_field,), []).append(_rule("self == oldSelf", _immutable))
+    if not FineTuneJobSpec.model_fields[_field].is_required():
+        # A transition rule on a field runs only where the old object has the field, so
+        # adding or removing an optional section is caught one level up, on spec.
+        SPEC_RULES[()].append(
+            _rule(f"has(self.{_field}) == has(oldSelf.{_field})", _immutable, f".{_field}")
+        )
 
 
 def _inline_refs(node: Any, defs: dict[str, Schema]) -> Any:

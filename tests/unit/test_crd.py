@@ -264,8 +264,16 @@ def test_training_part_is_immutable_and_placement_is_not() -> None:
         if any(r["rule"] == "self == oldSelf" for r in node.get("x-kubernetes-validations", []))
     }
     assert immutable == {"model", "dataset", "task", "method", "training", "output"}
-    rules_on_spec = [r["rule"] for r in nodes[".spec"]["x-kubernetes-validations"]]
-    assert not any("oldSelf" in r for r in rules_on_spec)  # suspend & placement stay mutable
+    # on spec itself, transition rules only pin the presence of the optional run sections
+    # (a field's own rule does not run where the old object lacks it); placement stays mutable
+    transitions = [
+        r["rule"] for r in nodes[".spec"]["x-kubernetes-validations"] if "oldSelf" in r["rule"]
+    ]
+    required = set(nodes[".spec"]["required"])
+    assert transitions == [
+        f"has(self.{f}) == has(oldSelf.{f})" for f in ("task", "method", "training")
+    ]
+    assert not required & {"task", "method", "training"}
 
 
 # --------------------------------------------------------------------------------------------
