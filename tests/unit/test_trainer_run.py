@@ -22,7 +22,7 @@ def _run(model_dir: Path, out: Path, **overrides: Any) -> RunConfig:
         "dataset": {
             "source": str(DATA),
             "format": "alpaca",
-            "maxSeqLength": 128,
+            "maxSeqLength": 256,
             "validation": {"splitRatio": 0.1},
         },
         "method": {"type": "lora"},
@@ -133,9 +133,8 @@ def test_resume_from_newest_complete_checkpoint_reaches_same_step_count(
     assert second.outcome == Outcome.SUCCEEDED, second.message
     assert second.steps == 6
     assert (
-        not (out / "checkpoints" / "checkpoint-6" / "adapter_model.safetensors").read_bytes()
-        == b"partial"
-    )
+        out / "checkpoints" / "checkpoint-6" / "adapter_model.safetensors"
+    ).read_bytes() != b"partial"
     history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
     steps_logged = [h["step"] for h in history if "loss" in h]
     assert steps_logged.count(5) == 1 and 3 in steps_logged  # resumed after 4, not from 0

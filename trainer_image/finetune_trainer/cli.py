@@ -169,7 +169,7 @@ def validate(file: FileArg, set_: SetOpt = None) -> None:
     """Check the spec and the dataset (format, fields, duplicates, lengths) without loading a
     model: only the tokenizer is loaded, to measure lengths in tokens. Exit 65 when invalid."""
     from finetune_trainer.models import ModelLoadError, fetch_model
-    from finetune_trainer.runner import InvalidInputError, prepare_data
+    from finetune_trainer.runner import InvalidInputError, data_summary, prepare_data
 
     name, run_config = _load(file, set_)
     console.print(f"[green]spec OK[/green]: {name} ({run_config.method.type}, {run_config.task})")
@@ -181,7 +181,8 @@ def validate(file: FileArg, set_: SetOpt = None) -> None:
         console.print(f"[red]invalid:[/red] {exc}")
         raise typer.Exit(int(ExitCode.INVALID_INPUT)) from None
     console.print(prepared.report.render())
-    console.print(f"[green]dataset OK[/green] ({prepared.format}): {prepared.stats.summary_line()}")
+    console.print("\n".join(prepared.stats.render_lines()))
+    console.print(f"[green]dataset OK[/green]: {data_summary(prepared)}")
 
 
 def _load_plugins() -> None:

@@ -215,6 +215,25 @@ def _publish(out: Path, uri: str) -> None:
             storage.upload(path, f"{uri.rstrip('/')}/{name}")
 
 
+def data_summary(prepared: Any) -> str:
+    """One line: detected format and examples/tokens per split."""
+    splits = ", ".join(
+        f"{name} {s.examples:,} examples / {s.tokens:,} tokens"
+        for name, s in prepared.stats.splits.items()
+    )
+    return f"{prepared.format} format; {splits}"
+
+
+def _card_stats(stats: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, s in stats.splits.items():
+        out[f"{name} examples"] = s.examples
+        out[f"{name} tokens"] = s.tokens
+    out["truncated"] = stats.truncated
+    out["dropped"] = stats.dropped
+    return out
+
+
 def prepare_data(run: RunConfig, local: LocalModel) -> tuple[Any, Any]:
     """Load the tokenizer and prepare (validate, split, tokenize) the dataset."""
     from finetune_trainer.data import DatasetError, prepare_dataset
@@ -240,9 +259,9 @@ def execute(run: RunConfig, ctx: RunContext) -> Summary:
         tracker.phase(Phase.VALIDATING_DATA, "fetching the model's tokenizer and the dataset")
         local = fetch_model(run.model, out.parent / ".cache")
         tokenizer, prepared = prepare_data(run, local)
-        stats = prepared.stats
-        tracker.update(message=f"{prepared.format} data: {stats.summary_line()}")
-        log.info("dataset (%s): %s", prepared.format, stats.summary_line())
+        line = data_summary(prepared)
+        tracker.update(message=line)
+        log.info("dataset: %s", line)
 
         device = _device()
         hp = hyper.resolve(run, len(prepared.train), device)
@@ -326,7 +345,7 @@ def execute(run: RunConfig, ctx: RunContext) -> Summary:
         merged_uri = f"{run.output.uri.rstrip('/')}/merged"
     write_metrics(metrics, out)
     plot_loss(out / "history.jsonl", out)
-    write_model_card(run, metrics, prepared.stats.as_dict(), out, ctx.name)
+    write_model_card(run, metrics, _card_stats(prepared.stats), out, ctx.name)
     _publish(out, run.output.uri)
     log.info("wrote %s", adapter_dir)
     return _summary(run, metrics, params, checkpoints, merged_uri)
