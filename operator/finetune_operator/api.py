@@ -212,6 +212,9 @@ class FineTuneJobStatus(WireModel):
     attempts: int | None = Field(default=None, ge=0)
     preemptions: int | None = Field(default=None, ge=0)
     job_name: str | None = Field(default=None, max_length=253)
+    pod_name: str | None = Field(
+        default=None, max_length=253, description="The trainer pod of the latest attempt."
+    )
     observed_generation: int | None = Field(default=None, ge=0)
 
 

@@ -262,6 +262,8 @@ async def observe_once(
     if current is None or current.get("metadata", {}).get("deletionTimestamp"):
         return None, None
     old_raw = dict(current.get("status") or {})
+    fresh, _ = validate(dict(current.get("spec") or {}), namespace, STATE.policy)
+    spec = fresh or spec  # spec.suspend may change; the training part is immutable
     previous = parse_status(old_raw)
     generation = current.get("metadata", {}).get("generation")
     job = await kube().get_or_none(jobs_path(namespace, job_name(name)))

@@ -387,7 +387,12 @@ def derive_status(
     ordered = sort_pods(pods)
     preemptions = sum(1 for p in ordered if is_preempted(p))
     update["job_name"] = job.get("metadata", {}).get("name")
-    update["attempts"] = max(previous.attempts or 0, len(ordered))
+    latest_pod = ordered[-1]["metadata"]["name"] if ordered else None
+    attempts = max(previous.attempts or 0, len(ordered))
+    if latest_pod is not None and latest_pod != previous.pod_name and previous.pod_name:
+        attempts = max(attempts, (previous.attempts or 0) + 1)
+    update["attempts"] = attempts or None
+    update["pod_name"] = latest_pod or previous.pod_name
     update["preemptions"] = max(previous.preemptions or 0, preemptions) or None
     start = _parse_time(job_status.get("startTime"))
     update["start_time"] = previous.start_time or start

@@ -3,23 +3,14 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness import Cluster, Kubelet
+from harness import Cluster, Kubelet, operator_runner
 from kopf.testing import KopfRunner
 
 FAKE_TRAINER = [sys.executable, str(Path(__file__).with_name("fake_trainer.py"))]
-OPERATOR_ARGS = [
-    "run",
-    "--standalone",
-    "--all-namespaces",
-    "--verbose",
-    "-m",
-    "finetune_operator.main",
-]
 
 
 @pytest.fixture()
@@ -38,13 +29,7 @@ def kubelet(cluster: Cluster, tmp_path: Path) -> Iterator[Kubelet]:
     k.stop()
 
 
-@contextmanager
-def running_operator() -> Iterator[KopfRunner]:
-    with KopfRunner(OPERATOR_ARGS, timeout=30) as runner:
-        yield runner
-
-
 @pytest.fixture()
-def operator(cluster: Cluster) -> Iterator[Callable[[], KopfRunner]]:
-    with running_operator() as runner:
-        yield lambda: runner
+def operator(cluster: Cluster) -> Iterator[KopfRunner]:
+    with operator_runner() as runner:
+        yield runner

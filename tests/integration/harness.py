@@ -34,6 +34,7 @@ import kmock
 import kopf
 from finetune_operator.api import API_VERSION, KIND, PLURAL
 from finetune_operator.kube import Kube, core_path, custom_path, jobs_path
+from kopf.testing import KopfRunner
 
 T = TypeVar("T")
 Obj = dict[str, Any]
@@ -72,6 +73,21 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+class Emulator(kmock.KubernetesEmulator):  # type: ignore[misc]
+    """kmock's emulator plus what an API server adds on create: name from generateName,
+    uid, resourceVersion and creationTimestamp (kopf's events use generateName)."""
+
+    async def _handle(self, request: Any) -> Any:
+        if request.action == kmock.action.CREATE and isinstance(request.data, dict):
+            meta = request.data.setdefault("metadata", {})
+            if not meta.get("name") and meta.get("generateName"):
+                meta["name"] = meta["generateName"] + secrets.token_hex(4)
+            meta.setdefault("uid", str(uuid.uuid4()))
+            meta.setdefault("resourceVersion", "1")
+            meta.setdefault("creationTimestamp", now_iso())
+        return await super()._handle(request)
+
+
 class Cluster:
     """kmock's KubernetesEmulator serving HTTP from a background thread."""
 
@@ -102,7 +118,7 @@ class Cluster:
         self._thread.join(timeout=10)
 
     async def _start(self) -> None:
-        self.emulator = kmock.KubernetesEmulator()
+        self.emulator = Emulator()
         await self.emulator.__aenter__()
         self._server = kmock.Server(self.emulator)
         await self._server.__aenter__()
@@ -632,3 +648,18 @@ class Kubelet:
         for path in sorted(self.tmp.glob("*/log.txt")):
             out.append(f"--- {path.parent.name}\n{path.read_text()[-4000:]}")
         return "\n".join(out)
+
+
+OPERATOR_ARGS = [
+    "run",
+    "--standalone",
+    "--all-namespaces",
+    "--verbose",
+    "-m",
+    "finetune_operator.main",
+]
+
+
+def operator_runner() -> KopfRunner:
+    """The real operator (kopf run -m finetune_operator.main) in a thread."""
+    return KopfRunner(OPERATOR_ARGS, timeout=30)

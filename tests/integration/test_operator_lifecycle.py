@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import copy
+import time
 from typing import Any
 
-from finetune_operator.kube import core_path
+import pytest
+from finetune_operator.kube import core_path, custom_path
+from harness import operator_runner
 
 SPEC: dict[str, Any] = {
     "model": {"source": "pvc://models/tiny-llama"},
@@ -23,8 +26,8 @@ def spec(**overrides: Any) -> dict[str, Any]:
     return out
 
 
-def phase(cluster, name: str) -> str | None:
-    obj = cluster.ftj(name) or {}
+def phase(cluster, name: str, namespace: str = "default") -> str | None:
+    obj = cluster.ftj(name, namespace) or {}
     return (obj.get("status") or {}).get("phase")
 
 
@@ -65,3 +68,179 @@ def test_apply_creates_configmap_and_job_once_and_succeeds(cluster, kubelet, ope
     assert not [k for k in annotations if k.startswith("kopf.zalando.org")]
     assert not [k for k in status if k.startswith("kopf")]
     assert not kubelet.errors
+
+
+def test_invalid_spec_fails_with_field_path_and_no_job(cluster, kubelet, operator) -> None:
+    bad = spec(method={"type": "qlora"})  # qlora with gpus: 0
+    cluster.apply_ftj("bad", bad)
+    cluster.wait_for(lambda: phase(cluster, "bad") == "Failed", what="Failed")
+    cond = condition(cluster, "bad", "Failed")
+    assert cond["status"] == "True" and cond["reason"] == "InvalidSpec"
+    assert "spec.resources.gpus" in cond["message"]
+    cluster.wait_for(
+        lambda: [e for e in cluster.events("bad") if e.get("reason") == "InvalidSpec"],
+        what="InvalidSpec event",
+    )
+    time.sleep(1.0)  # no retry loop, no children
+    assert cluster.job("bad") is None
+    assert cluster.get(core_path("default", "configmaps", "bad-config")) is None
+    assert len([e for e in cluster.events("bad") if e.get("reason") == "InvalidSpec"]) == 1
+
+
+def test_policy_violations_are_invalid_spec(cluster, kubelet, monkeypatch) -> None:
+    monkeypatch.setenv("FINETUNE_MAX_GPUS_PER_JOB", "2")
+    monkeypatch.setenv("FINETUNE_ALLOWED_NAMESPACES", "default,ml")
+    with operator_runner():
+        greedy = spec(resources={"gpus": 4})
+        greedy["model"]["trustRemoteCode"] = True
+        cluster.apply_ftj("greedy", greedy)
+        cluster.apply_ftj("elsewhere", spec(), namespace="other")
+        cluster.wait_for(lambda: phase(cluster, "greedy") == "Failed", what="greedy Failed")
+        message = condition(cluster, "greedy", "Failed")["message"]
+        assert "spec.resources.gpus: 4 GPUs exceeds the platform maximum of 2" in message
+        assert "spec.model.trustRemoteCode" in message
+        cluster.wait_for(
+            lambda: phase(cluster, "elsewhere", "other") == "Failed", what="elsewhere Failed"
+        )
+        other = cluster.ftj("elsewhere", "other")["status"]["conditions"]
+        assert any("metadata.namespace" in c["message"] for c in other)
+        assert cluster.job("greedy") is None and cluster.job("elsewhere", "other") is None
+
+
+def test_progress_is_mirrored_into_status(cluster, kubelet, operator) -> None:
+    kubelet.env.update({"FAKE_STEPS": "40", "FAKE_STEP_SECONDS": "0.2"})
+    cluster.apply_ftj("live", spec())
+
+    def running_with_progress() -> dict[str, Any] | None:
+        status = (cluster.ftj("live") or {}).get("status") or {}
+        progress = status.get("progress") or {}
+        ok = status.get("phase") == "Running" and progress.get("step", 0) >= 6
+        return status if ok else None
+
+    status = cluster.wait_for(running_with_progress, what="progress in status")
+    progress = status["progress"]
+    assert progress["totalSteps"] == 40
+    assert 0 < progress["percent"] < 100
+    assert progress["loss"] == pytest.approx(3.0 / progress["step"])
+    assert progress["eta"] and progress["tokensPerSecond"] == 1234.5
+    assert status["checkpoints"] and status["checkpoints"][0]["uri"].startswith(
+        "pvc://outputs/run1/checkpoints/checkpoint-"
+    )
+    assert condition(cluster, "live", "Running")["status"] == "True"
+    cluster.wait_for(lambda: phase(cluster, "live") == "Succeeded", timeout=30, what="Succeeded")
+    final = cluster.ftj("live")["status"]["progress"]
+    assert final["percent"] == 100.0
+
+
+def test_invalid_input_exit_fails_with_trainer_message(cluster, kubelet, operator) -> None:
+    kubelet.env["FAKE_OUTCOME"] = "invalid"
+    cluster.apply_ftj("baddata", spec())
+    cluster.wait_for(lambda: phase(cluster, "baddata") == "Failed", what="Failed")
+    cond = condition(cluster, "baddata", "Failed")
+    assert cond["reason"] == "InvalidInput"
+    assert "line 3" in cond["message"] and "line 7" in cond["message"]
+    assert len(cluster.pods("baddata")) == 1  # FailJob: no retries
+    cluster.wait_for(
+        lambda: [e for e in cluster.events("baddata") if e.get("type") == "Warning"],
+        what=f"Warning event in {cluster.events('baddata')}",
+    )
+
+
+def test_crash_retries_until_backoff_limit(cluster, kubelet, operator) -> None:
+    kubelet.env.update({"FAKE_OUTCOME": "crash", "FAKE_STEPS": "4", "FAKE_STEP_SECONDS": "0.05"})
+    cluster.apply_ftj("flaky", spec(backoffLimit=1))
+    cluster.wait_for(lambda: phase(cluster, "flaky") == "Failed", what="Failed")
+    cond = condition(cluster, "flaky", "Failed")
+    assert cond["reason"] == "BackoffLimitExceeded"
+    assert "CUDA error: boom" in cond["message"]
+    assert cluster.ftj("flaky")["status"]["attempts"] == 2
+
+
+def test_operator_restart_mid_job_keeps_one_job(cluster, kubelet) -> None:
+    kubelet.env.update({"FAKE_STEPS": "30", "FAKE_STEP_SECONDS": "0.2"})
+    with operator_runner():
+        cluster.apply_ftj("survivor", spec())
+        cluster.wait_for(lambda: phase(cluster, "survivor") == "Running", what="Running")
+    with operator_runner():
+        cluster.wait_for(
+            lambda: phase(cluster, "survivor") == "Succeeded", timeout=30, what="Succeeded"
+        )
+    assert cluster.count("batch/v1/jobs", "default", "survivor") == 1
+    assert cluster.count("v1/configmaps", "default", "survivor-config") == 1
+    assert len(cluster.pods("survivor")) == 1
+
+
+def test_suspend_then_resume_continues_from_checkpoint(cluster, kubelet, operator) -> None:
+    kubelet.env.update({"FAKE_STEPS": "30", "FAKE_STEP_SECONDS": "0.15"})
+    cluster.apply_ftj("pausable", spec())
+
+    def stepped() -> bool:
+        progress = ((cluster.ftj("pausable") or {}).get("status") or {}).get("progress") or {}
+        return progress.get("step", 0) >= 8
+
+    cluster.wait_for(stepped, what="training progress")
+    cluster.patch(custom_path("default", "pausable"), {"spec": {"suspend": True}})
+    cluster.wait_for(lambda: phase(cluster, "pausable") == "Suspended", what="Suspended")
+    assert condition(cluster, "pausable", "Suspended")["reason"] == "SuspendedByUser"
+    assert cluster.job("pausable")["spec"]["suspend"] is True
+    cluster.wait_for(lambda: not cluster.pods("pausable"), what="pods gone")
+    saved = sorted((kubelet.pvc_root / "outputs/run1/checkpoints").iterdir())
+    assert saved, "the trainer saved a checkpoint on SIGTERM"
+
+    cluster.patch(custom_path("default", "pausable"), {"spec": {"suspend": False}})
+    cluster.wait_for(lambda: phase(cluster, "pausable") == "Succeeded", what="Succeeded")
+    status = cluster.ftj("pausable")["status"]
+    assert condition(cluster, "pausable", "Suspended")["status"] == "False"
+    assert status["attempts"] == 2
+    # the resumed attempt started from the checkpoint, not from step 0
+    resumed_log = max(kubelet.tmp.glob("*/log.txt"), key=lambda p: p.stat().st_mtime)
+    assert resumed_log.exists()
+    assert cluster.count("batch/v1/jobs", "default", "pausable") == 1
+
+
+def test_ttl_deletes_finished_job_and_children(cluster, kubelet, operator) -> None:
+    kubelet.env.update({"FAKE_STEPS": "3", "FAKE_STEP_SECONDS": "0.05"})
+    cluster.apply_ftj("shortlived", spec(ttlSecondsAfterFinished=1))
+    cluster.wait_for(lambda: phase(cluster, "shortlived") == "Succeeded", what="Succeeded")
+    cluster.wait_for(lambda: cluster.ftj("shortlived") is None, what="FineTuneJob deleted")
+    cluster.wait_for(lambda: cluster.job("shortlived") is None, what="Job collected")
+    time.sleep(1.0)  # no recreate loop
+    assert cluster.job("shortlived") is None
+    assert cluster.count("batch/v1/jobs", "default", "shortlived") == 1
+    assert "ttlSecondsAfterFinished" not in cluster.call(_history_job(cluster, "shortlived"))
+
+
+async def _history_job(cluster, name: str) -> str:
+    import json
+
+    import kmock
+
+    for (res, _, n), obj in cluster.emulator.objects.items():
+        if res == kmock.resource("batch/v1/jobs") and n == name:
+            return json.dumps([v.raw for v in obj.history if v is not None])
+    return ""
+
+
+def test_deleting_the_finetunejob_collects_children(cluster, kubelet, operator) -> None:
+    kubelet.env.update({"FAKE_STEPS": "100", "FAKE_STEP_SECONDS": "0.2"})
+    cluster.apply_ftj("doomed", spec())
+    cluster.wait_for(lambda: phase(cluster, "doomed") == "Running", what="Running")
+    cluster.delete(custom_path("default", "doomed"))
+    cluster.wait_for(lambda: cluster.ftj("doomed") is None, what="FineTuneJob gone")
+    cluster.wait_for(lambda: cluster.job("doomed") is None, what="Job collected")
+    cluster.wait_for(
+        lambda: cluster.get(core_path("default", "configmaps", "doomed-config")) is None,
+        what="ConfigMap collected",
+    )
+
+
+def test_name_conflict_with_someone_elses_object(cluster, kubelet, operator) -> None:
+    cluster.create(
+        core_path("default", "configmaps"),
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "taken-config"}},
+    )
+    cluster.apply_ftj("taken", spec())
+    cluster.wait_for(lambda: phase(cluster, "taken") == "Failed", what="Failed")
+    cond = condition(cluster, "taken", "Failed")
+    assert cond["reason"] == "NameConflict" and "taken-config" in cond["message"]
+    assert cluster.job("taken") is None
