@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from finetune_trainer.config import ConfigError
 from finetune_trainer.manifest import load_run
 
@@ -53,5 +52,5 @@ def test_manifest_errors_are_prefixed_with_spec(tmp_path: Path) -> None:
 
 
 def test_bad_set_syntax(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="expected key.path=value"):
+    with pytest.raises(ConfigError, match=r"expected key\.path=value"):
         load_run(REPO / "examples" / "quickstart.yaml", ["training.maxSteps"])
