@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from finetune_trainer import hyper
 from finetune_trainer.config import RunConfig
 
@@ -37,7 +36,9 @@ def test_auto_values_on_cpu() -> None:
 
 def test_explicit_values_win() -> None:
     r = hyper.resolve(
-        _run(epochs=5, learningRate=1e-3, batchSize=2, precision="bf16", gradientCheckpointing=True),
+        _run(
+            epochs=5, learningRate=1e-3, batchSize=2, precision="bf16", gradientCheckpointing=True
+        ),
         100,
         "cpu",
     )
@@ -54,4 +55,6 @@ def test_gpu_batch_is_probed_and_checkpointing_for_large_models() -> None:
     r = hyper.resolve(_run(), 100, "cuda", model_params=8_000_000_000)
     assert r.batch_size is None
     assert r.gradient_checkpointing is True
-    assert hyper.resolve(_run(), 100, "cuda", model_params=500_000_000).gradient_checkpointing is False
+    assert (
+        hyper.resolve(_run(), 100, "cuda", model_params=500_000_000).gradient_checkpointing is False
+    )

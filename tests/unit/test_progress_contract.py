@@ -6,7 +6,6 @@ import json
 import urllib.request
 
 import pytest
-
 from finetune_trainer.progress import (
     TERMINATION_MESSAGE_MAX_BYTES,
     ExitCode,
