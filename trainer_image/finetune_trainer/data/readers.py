@@ -51,7 +51,7 @@ def read_jsonl(handle: IO[bytes], name: str) -> RawDataset:
         if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
             raw = raw[3:]
         try:
-            line = raw.decode("utf-8")
+            line = raw.decode("utf-8").rstrip("\r\n")
         except UnicodeDecodeError as exc:
             out.errors.append(
                 Issue("malformed", f"not valid UTF-8 at byte {exc.start}", Origin(name, number))

@@ -86,8 +86,8 @@ class ChatRenderer:
     For a Jinja template, the span of assistant turn i is found incrementally: the text of
     ``messages[:i]`` with the generation prompt is a prefix of the text of ``messages[:i+1]``,
     and the difference is the assistant's turn (content and end-of-turn marker). Templates that
-    rewrite earlier turns break that; then the span is the assistant content found by search,
-    and `non_incremental` counts how often that happened.
+    rewrite earlier turns break that; then the span is the assistant content found by search
+    (to the end of the text for the last message), and `non_incremental` counts those turns.
     """
 
     def __init__(
@@ -179,7 +179,10 @@ class ChatRenderer:
                     raise TemplateError(
                         "the chat template does not reproduce the assistant content verbatim"
                     )
-                span = (start, start + len(message["content"]))
+                end = start + len(message["content"])
+                if i == len(messages) - 1:
+                    end = len(full)  # the last turn: its end-of-turn marker runs to the end
+                span = (start, end)
             spans.append(span)
             cursor = span[1]
         return _rstrip(full, spans)

@@ -1,0 +1,252 @@
+"""Malformed data: every problem reported with its file and 1-based line, counted, collected."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from finetune_trainer.config import DatasetSpec
+from finetune_trainer.data import DatasetError, prepare_dataset, validate_dataset
+from finetune_trainer.data.report import MAX_EXAMPLES
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_tokenizer_dir: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+
+
+def ok(i: int) -> str:
+    return json.dumps({"instruction": f"Task {i}", "input": "", "output": f"Answer {i}"})
+
+
+def lines_of(report: Any, kind: str) -> list[int]:
+    return [issue.origin.line for issue in report.groups[kind].examples]
+
+
+def fail(tok: Any, path: Path, task: str = "causal-lm", **spec: Any) -> DatasetError:
+    ds = DatasetSpec.model_validate({"source": str(path), **spec})
+    with pytest.raises(DatasetError) as err:
+        prepare_dataset(ds, task, tok, seed=0)  # type: ignore[arg-type]
+    return err.value
+
+
+def test_every_problem_with_its_line(tmp_path: Path, tok: Any) -> None:
+    lines = [
+        ok(1),  # 1
+        ok(2),  # 2
+        '{"instruction": "Task 3", "output": ',  # 3 bad JSON
+        ok(4),  # 4
+        json.dumps({"instruction": "Task 5", "input": "x"}),  # 5 missing output
+        json.dumps({"instruction": "  ", "output": "Answer 6"}),  # 6 empty instruction
+        json.dumps({"instruction": "Task 7", "output": 42}),  # 7 wrong type
+        ok(1),  # 8 duplicate of line 1 (soft)
+        "",  # 9 blank: skipped
+        "[1, 2]",  # 10 not an object
+    ]
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    err = fail(tok, path, format="alpaca")
+    message = str(err)
+    f = str(path)
+    assert f"{f}:3: invalid JSON: Expecting value (column 37)" in message
+    assert f"{f}:5: field 'output' is missing (has: input, instruction)" in message
+    assert f"{f}:6: field 'instruction' is empty" in message
+    assert f"{f}:7: field 'output' must be a string, got number" in message
+    assert f"{f}:10: expected a JSON object, got array" in message
+    assert "5 problems stop the run" in message
+    assert "line numbers are 1-based" in message
+    report = err.report
+    assert report.records == 9
+    assert lines_of(report, "malformed") == [3]
+    assert lines_of(report, "missing_field") == [5]
+    assert lines_of(report, "empty_field") == [6]
+    assert lines_of(report, "wrong_type") == [7]
+    # duplicates are soft: reported, not in the error message
+    assert lines_of(report, "duplicate") == [8]
+    assert report.groups["duplicate"].severity == "warning"
+    assert "duplicate" not in message
+    data = report.to_dict()
+    json.dumps(data)
+    assert data["ok"] is False
+    assert {e["kind"] for e in data["errors"]} == {
+        "malformed",
+        "missing_field",
+        "empty_field",
+        "wrong_type",
+        "not_an_object",
+    }
+
+
+def test_first_examples_and_counts(tmp_path: Path, tok: Any) -> None:
+    lines = [ok(0)] + ["{oops" for _ in range(8)] + [ok(1)]
+    path = tmp_path / "many.jsonl"
+    path.write_text("\n".join(lines))
+    err = fail(tok, path)
+    group = err.report.groups["malformed"]
+    assert group.count == 8
+    assert [i.origin.line for i in group.examples] == list(range(2, 2 + MAX_EXAMPLES))
+    assert "- malformed record (8)" in str(err)
+    assert "... and 3 more" in str(err)
+
+
+def test_duplicates_drop_and_keep(tmp_path: Path, tok: Any) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join([ok(1), ok(2), ok(1), ok(3), ok(2)]))
+    dropped = prepare_dataset(DatasetSpec(source=str(path)), "causal-lm", tok, seed=0)
+    assert len(dropped.train) == 3
+    assert lines_of(dropped.report, "duplicate") == [3, 5]
+    assert dropped.report.groups["duplicate"].action == "dropped"
+    assert str(dropped.report.groups["duplicate"].examples[0]) == f"{path}:3: same as {path}:1"
+    assert dropped.stats.dropped_duplicates == 2
+    kept = prepare_dataset(
+        DatasetSpec(source=str(path), duplicates="keep"), "causal-lm", tok, seed=0
+    )
+    assert len(kept.train) == 5 and kept.report.groups["duplicate"].action == "kept"
+
+
+def long_rows() -> list[str]:
+    return [
+        json.dumps({"prompt": "Q: hi\nA:", "completion": " short answer"}),  # 1
+        json.dumps({"prompt": "Q: hi\nA:", "completion": " long " + "word " * 80}),  # 2
+        json.dumps({"prompt": "Q: " + "context " * 80 + "\nA:", "completion": " ok"}),  # 3
+        json.dumps({"prompt": "Q: yo\nA:", "completion": " fine"}),  # 4
+    ]
+
+
+@pytest.fixture
+def long_file(tmp_path: Path) -> Path:
+    path = tmp_path / "long.jsonl"
+    path.write_text("\n".join(long_rows()) + "\n")
+    return path
+
+
+def test_overlong_truncate(long_file: Path, tok: Any) -> None:
+    spec = DatasetSpec(source=str(long_file), maxSeqLength=32, overlong="truncate")
+    prepared = prepare_dataset(spec, "causal-lm", tok, seed=0)
+    report = prepared.report
+    assert lines_of(report, "overlong") == [2, 3]
+    assert report.groups["overlong"].action == "truncated"
+    assert "tokens > maxSeqLength 32" in report.groups["overlong"].examples[0].message
+    # line 3's prompt fills the window: nothing of the response is left, so it is dropped
+    assert lines_of(report, "no_loss_tokens") == [3]
+    assert len(prepared.train) == 3
+    lengths = [len(ids) for ids in prepared.train["input_ids"]]
+    assert max(lengths) == 32
+    assert prepared.stats.truncated == 2 and prepared.stats.dropped_no_loss == 1
+    truncated = prepared.train[1]
+    assert truncated["input_ids"][-1] != tok.eos_token_id  # cut, not ended
+    assert len(truncated["completion_mask"]) == 32
+
+
+def test_overlong_drop(long_file: Path, tok: Any) -> None:
+    spec = DatasetSpec(source=str(long_file), maxSeqLength=32, overlong="drop")
+    prepared = prepare_dataset(spec, "causal-lm", tok, seed=0)
+    assert lines_of(prepared.report, "overlong") == [2, 3]
+    assert prepared.report.groups["overlong"].action == "dropped"
+    assert len(prepared.train) == 2 and prepared.stats.dropped_overlong == 2
+
+
+def test_overlong_error(long_file: Path, tok: Any) -> None:
+    err = fail(tok, long_file, maxSeqLength=32, overlong="error")
+    assert lines_of(err.report, "overlong") == [2, 3]
+    assert f"{long_file}:2: " in str(err) and "tokens > maxSeqLength 32" in str(err)
+
+
+def chat(*turns: tuple[str, Any]) -> str:
+    return json.dumps({"messages": [{"role": r, "content": c} for r, c in turns]})
+
+
+def test_chat_problems(tmp_path: Path, tok: Any) -> None:
+    lines = [
+        chat(("user", "hi"), ("assistant", "hello")),  # 1
+        chat(("user", "hi"), ("user", "anyone?")),  # 2 no assistant
+        chat(("human", "hi"), ("gpt", "hello")),  # 3 unknown roles
+        json.dumps({"messages": "hi"}),  # 4 wrong type
+        json.dumps({"messages": []}),  # 5 empty
+        chat(("user", "hi"), ("assistant", "")),  # 6 empty content
+        chat(("user", "hi"), ("assistant", None)),  # 7 null content
+        chat(("user", "hi"), ("assistant", ["a"])),  # 8 wrong type content
+    ]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("\n".join(lines))
+    err = fail(tok, path)
+    report, message = err.report, str(err)
+    assert report.format == "chat"
+    assert lines_of(report, "no_assistant") == [2]
+    assert f"{path}:2: the conversation has no assistant message to learn" in message
+    assert lines_of(report, "unknown_role") == [3, 3]
+    assert "messages[0].role is 'human'; expected one of system, user, assistant" in message
+    assert "(did you mean 'assistant'?)" in message
+    assert lines_of(report, "wrong_type") == [4, 8]
+    assert lines_of(report, "empty_field") == [5, 6, 7]
+    assert f"{path}:6: messages[1].content is empty" in message
+
+
+def test_classification_label_problems(tmp_path: Path, tok: Any) -> None:
+    rows = [
+        {"text": "good", "label": "pos"},  # 1
+        {"text": "bad", "label": "neg"},  # 2
+        {"text": "meh", "label": "neutral"},  # 3 unknown with declared labels
+        {"text": "odd", "label": 1.5},  # 4 wrong type
+        {"text": "", "label": "pos"},  # 5 empty text
+        {"label": "pos"},  # 6 missing text
+    ]
+    path = tmp_path / "cls.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    err = fail(tok, path, "sequence-classification", labels=["neg", "pos"])
+    report, message = err.report, str(err)
+    assert lines_of(report, "unknown_label") == [3]
+    assert (
+        f"{path}:3: label 'neutral' is not in the label set of dataset.labels (neg, pos)" in message
+    )
+    assert lines_of(report, "wrong_type") == [4]
+    assert "field 'label' must be a string or an integer, got number" in message
+    assert lines_of(report, "empty_field") == [5]
+    assert lines_of(report, "missing_field") == [6]
+
+
+def test_classification_needs_two_labels(tmp_path: Path, tok: Any) -> None:
+    path = tmp_path / "one.jsonl"
+    path.write_text("\n".join(json.dumps({"text": f"t{i}", "label": "pos"}) for i in range(4)))
+    err = fail(tok, path, "sequence-classification")
+    assert "needs at least 2 labels in the training data; found only 'pos'" in str(err)
+
+
+def test_missing_and_empty_sources(tmp_path: Path, tok: Any) -> None:
+    err = fail(tok, tmp_path / "nope.jsonl")
+    assert "nope.jsonl: not found" in str(err)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    assert "holds no records" in str(fail(tok, empty))
+    odd = tmp_path / "data.txt"
+    odd.write_text("hello")
+    assert "unsupported file type" in str(fail(tok, odd))
+
+
+def test_validation_source_errors_are_reported_too(tmp_path: Path, tok: Any) -> None:
+    train = tmp_path / "train.jsonl"
+    train.write_text("\n".join(ok(i) for i in range(5)))
+    val = tmp_path / "val.jsonl"
+    val.write_text(ok(10) + "\n" + json.dumps({"instruction": "x"}) + "\n")
+    err = fail(tok, train, validation={"source": str(val)})
+    assert f"{val}:2: field 'output' is missing" in str(err)
+
+
+def test_validate_dataset_never_raises(tmp_path: Path, tok: Any) -> None:
+    path = tmp_path / "t.jsonl"
+    path.write_text(ok(1) + "\n{bad\n" + ok(2) + "\n")
+    spec = DatasetSpec(source=str(path))
+    report = validate_dataset(spec, "causal-lm", tok)
+    assert not report.ok and lines_of(report, "malformed") == [2]
+    assert "INVALID" in report.render()
+    # without a tokenizer: structure only, with a warning
+    path.write_text(ok(1) + "\n" + ok(2) + "\n")
+    report = validate_dataset(spec, "causal-lm")
+    assert report.ok and any("no tokenizer" in w for w in report.warnings)
+    assert report.stats.train.examples == 2
+    rendered = report.render()
+    assert "Format: alpaca" in rendered and rendered.endswith("OK")

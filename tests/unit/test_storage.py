@@ -1,0 +1,198 @@
+"""storage: URI resolution (pvc://, file://, pkg://) and fsspec I/O against a moto S3 server."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from finetune_trainer import storage
+from finetune_trainer.config import DatasetSpec
+from finetune_trainer.data import DatasetError, load_records, prepare_dataset
+
+
+# -- resolve --------------------------------------------------------------------------------
+def test_pvc_resolves_under_the_mount_root(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FINETUNE_PVC_ROOT", "/data/claims")
+    assert storage.resolve("pvc://models/llama/x.json") == "/data/claims/models/llama/x.json"
+    assert storage.resolve("pvc://models") == "/data/claims/models"
+    monkeypatch.delenv("FINETUNE_PVC_ROOT")
+    assert storage.resolve("pvc://outputs/run1") == "/mnt/pvc/outputs/run1"
+
+
+def test_pvc_rejects_escaping_the_claim() -> None:
+    with pytest.raises(storage.StorageError, match=r"'\.\.' is not allowed"):
+        storage.resolve("pvc://models/../secrets/key")
+    with pytest.raises(storage.StorageError, match="claim name"):
+        storage.resolve("pvc:///x")
+
+
+def test_file_and_bare_paths() -> None:
+    assert storage.resolve("file:///tmp/a%20b.jsonl") == "/tmp/a b.jsonl"
+    assert storage.resolve("file://localhost/tmp/x") == "/tmp/x"
+    assert storage.resolve("data/train.jsonl") == "data/train.jsonl"
+    assert storage.resolve("/abs/train.jsonl") == "/abs/train.jsonl"
+    with pytest.raises(storage.StorageError, match="must be local"):
+        storage.resolve("file://otherhost/x")
+
+
+@pytest.mark.parametrize(
+    "uri", ["s3://bucket/key", "gs://b/k", "hf://datasets/org/name", "https://x.org/d.jsonl"]
+)
+def test_remote_uris_unchanged(uri: str) -> None:
+    assert storage.resolve(uri) == uri
+    assert not storage.is_local(uri)
+
+
+def test_is_local() -> None:
+    for uri in ("pvc://a/b", "file:///x", "pkg://json/x", "rel/path", "/abs"):
+        assert storage.is_local(uri)
+
+
+def test_pkg_resolves_without_importing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pkg = tmp_path / "boobytrapped_pkg"
+    (pkg / "data").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("raise RuntimeError('imported!')\n")
+    (pkg / "data" / "train.jsonl").write_text('{"text": "hello"}\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = storage.resolve("pkg://boobytrapped_pkg/data/train.jsonl")
+    assert Path(path) == pkg / "data" / "train.jsonl"
+    assert "boobytrapped_pkg" not in sys.modules
+    # and a dataset can be read from it
+    raw = load_records(DatasetSpec(source="pkg://boobytrapped_pkg/data/train.jsonl"))
+    assert raw.records == [{"text": "hello"}]
+    assert "boobytrapped_pkg" not in sys.modules
+
+
+def test_pkg_missing_package_is_named() -> None:
+    with pytest.raises(storage.StorageError, match="'no_such_pkg_xyz' is not installed"):
+        storage.resolve("pkg://no_such_pkg_xyz/file.gguf")
+    with pytest.raises(storage.StorageError, match=r"'\.\.' is not allowed"):
+        storage.resolve("pkg://json/../x")
+    with pytest.raises(storage.StorageError, match="not a top-level"):
+        storage.resolve("pkg://a.b/x")
+    with pytest.raises(storage.StorageError, match="module, not a package"):
+        storage.resolve("pkg://socket/x")
+
+
+def test_pkg_missing_package_is_a_dataset_error() -> None:
+    with pytest.raises(DatasetError, match="no_such_pkg_xyz"):
+        load_records(DatasetSpec(source="pkg://no_such_pkg_xyz/train.jsonl"))
+
+
+def test_storage_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FINETUNE_S3_ENDPOINT_URL", raising=False)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://minio:9000")
+    assert storage.storage_options("s3://b/k") == {"endpoint_url": "http://minio:9000"}
+    monkeypatch.setenv("FINETUNE_S3_ENDPOINT_URL", "http://override:9000")
+    assert storage.storage_options("s3://b/k") == {"endpoint_url": "http://override:9000"}
+    monkeypatch.setenv("HF_TOKEN", "hf_abc")
+    assert storage.storage_options("hf://datasets/o/n") == {"token": "hf_abc"}
+    assert storage.storage_options("/local") == {}
+
+
+def test_local_download_and_upload(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FINETUNE_PVC_ROOT", str(tmp_path / "pvc"))
+    src = tmp_path / "adapter"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.bin").write_bytes(b"a")
+    (src / "sub" / "b.txt").write_text("b")
+    storage.upload(src, "pvc://outputs/run1/adapter")
+    out = tmp_path / "pvc" / "outputs" / "run1" / "adapter"
+    assert (out / "sub" / "b.txt").read_text() == "b"
+    assert storage.download("pvc://outputs/run1/adapter", tmp_path / "unused") == out
+    with pytest.raises(FileNotFoundError):
+        storage.download("pvc://outputs/missing", tmp_path / "unused")
+
+
+# -- S3 against moto --------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def moto_endpoint() -> Iterator[str]:
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh bucket on the moto server; returns its s3:// URI."""
+    import uuid
+
+    import s3fs
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("FINETUNE_S3_ENDPOINT_URL", moto_endpoint)
+    bucket = f"b-{uuid.uuid4().hex[:12]}"
+    fs = s3fs.S3FileSystem(endpoint_url=moto_endpoint)
+    fs.mkdir(bucket)
+    return f"s3://{bucket}"
+
+
+def test_s3_upload_download_roundtrip(s3: str, tmp_path: Path) -> None:
+    src = tmp_path / "model"
+    (src / "nested").mkdir(parents=True)
+    (src / "config.json").write_text('{"a": 1}')
+    (src / "nested" / "weights.bin").write_bytes(b"\x00\x01" * 1000)
+    storage.upload(src, f"{s3}/models/tiny")
+    assert storage.exists(f"{s3}/models/tiny/config.json")
+    assert storage.list_files(f"{s3}/models/tiny") == [
+        f"{s3}/models/tiny/config.json",
+        f"{s3}/models/tiny/nested/weights.bin",
+    ]
+    got = storage.download(f"{s3}/models/tiny", tmp_path / "dl")
+    assert got == tmp_path / "dl"
+    assert (got / "config.json").read_text() == '{"a": 1}'
+    assert (got / "nested" / "weights.bin").read_bytes() == b"\x00\x01" * 1000
+    one = storage.download(f"{s3}/models/tiny/config.json", tmp_path / "one")
+    assert one == tmp_path / "one" / "config.json" and one.read_text() == '{"a": 1}'
+    with storage.open_text(f"{s3}/models/tiny/config.json") as handle:
+        assert json.load(handle) == {"a": 1}
+    storage.upload(src / "config.json", f"{s3}/single/config.json")
+    assert storage.exists(f"{s3}/single/config.json")
+    with pytest.raises(FileNotFoundError):
+        storage.download(f"{s3}/nothing/here.bin", tmp_path / "x")
+
+
+def test_s3_dataset_with_line_numbers(s3: str, tmp_path: Path, tiny_tokenizer_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    local = tmp_path / "train.jsonl"
+    rows = [json.dumps({"prompt": f"Q{i}: ", "completion": f"answer {i}"}) for i in range(10)]
+    rows[3] = '{"prompt": "broken'  # line 4
+    local.write_text("\n".join(rows) + "\n")
+    storage.upload(local, f"{s3}/data/train.jsonl")
+    uri = f"{s3}/data/train.jsonl"
+    raw = load_records(DatasetSpec(source=uri))
+    assert len(raw) == 9 and [i.origin.line for i in raw.errors] == [4]
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    with pytest.raises(DatasetError) as err:
+        prepare_dataset(DatasetSpec(source=uri), "causal-lm", tok, seed=0)
+    assert f"{uri}:4: invalid JSON" in str(err.value)
+    rows[3] = json.dumps({"prompt": "Q3: ", "completion": "answer 3"})
+    local.write_text("\n".join(rows) + "\n")
+    storage.upload(local, f"{s3}/data/ok.jsonl")
+    prepared = prepare_dataset(DatasetSpec(source=f"{s3}/data/ok.jsonl"), "causal-lm", tok, seed=0)
+    assert len(prepared.train) == 10 and prepared.format == "completion"
+
+
+def test_s3_missing_source_is_a_dataset_error(s3: str) -> None:
+    with pytest.raises(DatasetError, match="not found"):
+        load_records(DatasetSpec(source=f"{s3}/nope/train.jsonl"))
