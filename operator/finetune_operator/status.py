@@ -474,14 +474,15 @@ def derive_status(
             conds = set_condition(conds, "Running", True, reason, msg, now, g)
         else:
             phase = "Pending"
+            last_done = next((p for p in reversed(ordered) if terminated_state(p)), None)
             if pending is not None:
                 reason, msg = pending
-            elif ordered and is_preempted(ordered[-1]):
+            elif last_done is not None and is_preempted(last_done):
                 reason, msg = (
                     "PreemptedResuming",
                     ("the trainer was preempted after saving a checkpoint; a new pod resumes it"),
                 )
-            elif ordered and is_oom_killed(ordered[-1]):
+            elif last_done is not None and is_oom_killed(last_done):
                 reason, msg = (
                     "OOMKilled",
                     (
@@ -489,7 +490,7 @@ def derive_status(
                         "or lower training.batchSize)"
                     ),
                 )
-            elif ordered and terminated_state(ordered[-1]) is not None:
+            elif last_done is not None:
                 reason, msg = "Retrying", "the last attempt failed; the Job retries"
             else:
                 reason, msg = "PodStarting", "waiting for the trainer pod to start"

@@ -1,0 +1,451 @@
+"""derive_status over a table of observed states; conditions; merge patches."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from finetune_operator.api import FineTuneJobStatus, parse_spec
+from finetune_operator.status import (
+    derive_status,
+    format_eta,
+    get_condition,
+    merge_checkpoints,
+    merge_patch,
+    set_condition,
+    status_dict,
+    status_patch,
+)
+from finetune_trainer.progress import CheckpointInfo, Outcome, Phase, Progress, Summary
+
+T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+T1 = T0 + timedelta(minutes=5)
+SPEC = parse_spec(
+    {
+        "model": {"source": "hf://Qwen/Qwen2.5-0.5B"},
+        "dataset": {"source": "s3://b/train.jsonl"},
+        "output": {"uri": "s3://b/out"},
+        "resources": {"gpus": 1, "memory": "16Gi"},
+        "activeDeadlineSeconds": 3600,
+        "backoffLimit": 2,
+    }
+)
+
+
+def job(*conditions: tuple[str, str], suspend: bool = False, **status: Any) -> dict[str, Any]:
+    return {
+        "metadata": {"name": "ft"},
+        "spec": {"suspend": suspend},
+        "status": {
+            "startTime": "2026-01-01T12:00:00Z",
+            **status,
+            "conditions": [
+                {
+                    "type": t,
+                    "status": "True",
+                    "reason": r,
+                    "message": f"{t} {r}",
+                    "lastTransitionTime": "2026-01-01T12:04:00Z",
+                }
+                for t, r in conditions
+            ],
+        },
+    }
+
+
+def pod(
+    name: str = "ft-a",
+    phase: str = "Running",
+    *,
+    waiting: str | None = None,
+    terminated: dict[str, Any] | None = None,
+    conditions: list[dict[str, Any]] | None = None,
+    created: str = "2026-01-01T12:00:00Z",
+) -> dict[str, Any]:
+    state: dict[str, Any] = {"running": {}}
+    if waiting:
+        state = {"waiting": {"reason": waiting, "message": f"{waiting} detail"}}
+    if terminated is not None:
+        state = {"terminated": terminated}
+    return {
+        "metadata": {"name": name, "creationTimestamp": created},
+        "spec": {"containers": [{"name": "trainer", "image": "reg/trainer:1"}]},
+        "status": {
+            "phase": phase,
+            "podIP": "10.0.0.5",
+            "conditions": conditions or [],
+            "containerStatuses": [{"name": "trainer", "state": state}],
+        },
+    }
+
+
+def unschedulable() -> dict[str, Any]:
+    return pod(
+        phase="Pending",
+        conditions=[
+            {
+                "type": "PodScheduled",
+                "status": "False",
+                "reason": "Unschedulable",
+                "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu.",
+            }
+        ],
+    )
+
+
+def summary(outcome: Outcome, **kw: Any) -> Summary:
+    return Summary(outcome=outcome, **kw)
+
+
+PROGRESS = Progress(
+    phase=Phase.TRAINING, step=50, total_steps=200, loss=1.25, eta_seconds=3900, updated_at=T1
+)
+OK = summary(
+    Outcome.SUCCEEDED,
+    adapter_uri="s3://b/out/adapter",
+    output_uri="s3://b/out",
+    metrics={"evalLoss": 0.9, "perplexity": 2.46},
+    trainable_params=1000,
+    trained_tokens=50000,
+)
+BAD_DATA = summary(
+    Outcome.INVALID_INPUT,
+    reason="InvalidDataset",
+    message="dataset.source: line 3: invalid JSON; line 9: missing 'output'",
+)
+PREEMPTED = summary(
+    Outcome.PREEMPTED,
+    last_checkpoint=CheckpointInfo(step=40, uri="s3://b/out/checkpoints/checkpoint-40", time=T0),
+)
+
+
+def term(code: int, reason: str = "Error", message: str = "") -> dict[str, Any]:
+    return {"exitCode": code, "reason": reason, "message": message}
+
+
+# (id, job, pods, progress, summary, phase, {condition type: (status, reason)}, message part)
+CASES = [
+    ("no-job-yet", None, [], None, None, "Pending", {}, None),
+    (
+        "pod-starting",
+        job(active=1),
+        [pod(phase="Pending")],
+        None,
+        None,
+        "Pending",
+        {"Created": ("True", "JobCreated"), "Running": ("False", "PodStarting")},
+        None,
+    ),
+    (
+        "unschedulable",
+        job(active=1),
+        [unschedulable()],
+        None,
+        None,
+        "Pending",
+        {"Running": ("False", "Unschedulable")},
+        "Insufficient nvidia.com/gpu",
+    ),
+    (
+        "image-pull",
+        job(active=1),
+        [pod(phase="Pending", waiting="ImagePullBackOff")],
+        None,
+        None,
+        "Pending",
+        {"Running": ("False", "ImagePullBackOff")},
+        "reg/trainer:1",
+    ),
+    (
+        "validating",
+        job(active=1),
+        [pod()],
+        Progress(phase=Phase.VALIDATING_DATA),
+        None,
+        "ValidatingData",
+        {"Running": ("True", "ValidatingData")},
+        None,
+    ),
+    (
+        "training",
+        job(active=1),
+        [pod()],
+        PROGRESS,
+        None,
+        "Running",
+        {"Running": ("True", "Training")},
+        "training",
+    ),
+    (
+        "succeeded",
+        job(("Complete", "CompletionsReached"), succeeded=1, completionTime="2026-01-01T12:04:00Z"),
+        [pod(phase="Succeeded", terminated=term(0, "Completed", OK.to_termination_message()))],
+        None,
+        OK,
+        "Succeeded",
+        {"Succeeded": ("True", "Completed"), "Running": ("False", "Completed")},
+        "s3://b/out/adapter",
+    ),
+    (
+        "invalid-dataset",
+        job(("Failed", "PodFailurePolicy"), failed=1),
+        [pod(phase="Failed", terminated=term(65, message=BAD_DATA.to_termination_message()))],
+        None,
+        BAD_DATA,
+        "Failed",
+        {"Failed": ("True", "InvalidInput")},
+        "line 3",
+    ),
+    (
+        "oom-killed",
+        job(("Failed", "BackoffLimitExceeded"), failed=3),
+        [pod(phase="Failed", terminated=term(137, "OOMKilled"))],
+        None,
+        None,
+        "Failed",
+        {"Failed": ("True", "OOMKilled")},
+        "spec.resources.memory=16Gi",
+    ),
+    (
+        "oom-retrying",
+        job(active=1, failed=1),
+        [
+            pod("ft-a", "Failed", terminated=term(137, "OOMKilled")),
+            pod("ft-b", "Pending", created="2026-01-01T12:01:00Z"),
+        ],
+        None,
+        None,
+        "Pending",
+        {"Running": ("False", "OOMKilled")},
+        "retrying",
+    ),
+    (
+        "deadline",
+        job(("Failed", "DeadlineExceeded"), failed=1),
+        [pod(phase="Failed", terminated=term(143))],
+        None,
+        None,
+        "Failed",
+        {"Failed": ("True", "DeadlineExceeded")},
+        "3600s",
+    ),
+    (
+        "backoff",
+        job(("Failed", "BackoffLimitExceeded"), failed=3),
+        [
+            pod(
+                phase="Failed",
+                terminated=term(
+                    1,
+                    message=summary(
+                        Outcome.FAILED, message="CUDA error: device-side assert"
+                    ).to_termination_message(),
+                ),
+            )
+        ],
+        None,
+        summary(Outcome.FAILED, message="CUDA error: device-side assert"),
+        "Failed",
+        {"Failed": ("True", "BackoffLimitExceeded")},
+        "CUDA error",
+    ),
+    (
+        "preempted-waiting",
+        job(active=1),
+        [
+            pod(
+                "ft-a",
+                "Failed",
+                terminated=term(75, message=PREEMPTED.to_termination_message()),
+                conditions=[{"type": "DisruptionTarget", "status": "True"}],
+            ),
+            pod("ft-b", "Pending", created="2026-01-01T12:02:00Z"),
+        ],
+        None,
+        PREEMPTED,
+        "Pending",
+        {"Running": ("False", "PreemptedResuming")},
+        "checkpoint",
+    ),
+    (
+        "preempted-resumed",
+        job(active=1),
+        [
+            pod("ft-a", "Failed", terminated=term(75, message=PREEMPTED.to_termination_message())),
+            pod("ft-b", created="2026-01-01T12:02:00Z"),
+        ],
+        PROGRESS,
+        PREEMPTED,
+        "Running",
+        {"Running": ("True", "PreemptedResuming")},
+        "resumed after 1 preemption",
+    ),
+    (
+        "suspended",
+        job(("Suspended", "JobSuspended"), suspend=True, active=0),
+        [],
+        None,
+        None,
+        "Suspended",
+        {"Suspended": ("True", "Suspended")},
+        "suspended",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("job_obj", "pods", "progress", "summ", "phase", "conds", "fragment"),
+    [c[1:] for c in CASES],
+    ids=[c[0] for c in CASES],
+)
+def test_derive_status(
+    job_obj: Any,
+    pods: Any,
+    progress: Any,
+    summ: Any,
+    phase: str,
+    conds: dict[str, tuple[str, str]],
+    fragment: str | None,
+) -> None:
+    status = derive_status(SPEC, job_obj, pods, progress, summ, FineTuneJobStatus(), T1, 1)
+    assert status.phase == phase
+    for type_, (wire, reason) in conds.items():
+        cond = get_condition(status.conditions, type_)
+        assert cond is not None, type_
+        assert (cond.status, cond.reason) == (wire, reason)
+        assert cond.observed_generation == 1
+    if fragment:
+        messages = " ".join(c.message for c in status.conditions)
+        assert fragment in messages
+
+
+def test_succeeded_status_in_full() -> None:
+    case = next(c for c in CASES if c[0] == "succeeded")
+    status = derive_status(SPEC, case[1], case[2], None, OK, FineTuneJobStatus(), T1, 1)
+    assert status_dict(status) == {
+        "phase": "Succeeded",
+        "conditions": [
+            {
+                "type": "Created",
+                "status": "True",
+                "reason": "JobCreated",
+                "message": "created Job ft",
+                "lastTransitionTime": "2026-01-01T12:05:00Z",
+                "observedGeneration": 1,
+            },
+            {
+                "type": "Succeeded",
+                "status": "True",
+                "reason": "Completed",
+                "message": "training finished; adapter at s3://b/out/adapter",
+                "lastTransitionTime": "2026-01-01T12:05:00Z",
+                "observedGeneration": 1,
+            },
+            {
+                "type": "Running",
+                "status": "False",
+                "reason": "Completed",
+                "message": "training finished; adapter at s3://b/out/adapter",
+                "lastTransitionTime": "2026-01-01T12:05:00Z",
+                "observedGeneration": 1,
+            },
+        ],
+        "checkpoints": [],
+        "result": {
+            "adapterUri": "s3://b/out/adapter",
+            "outputUri": "s3://b/out",
+            "metrics": {"evalLoss": 0.9, "perplexity": 2.46},
+            "trainableParams": 1000,
+            "trainedTokens": 50000,
+        },
+        "startTime": "2026-01-01T12:00:00Z",
+        "completionTime": "2026-01-01T12:04:00Z",
+        "attempts": 1,
+        "jobName": "ft",
+        "podName": "ft-a",
+        "observedGeneration": 1,
+    }
+
+
+def test_progress_is_mirrored_with_eta() -> None:
+    status = derive_status(SPEC, job(active=1), [pod()], PROGRESS, None, FineTuneJobStatus(), T1)
+    assert status.progress is not None
+    assert status.progress.model_dump(by_alias=True, exclude_none=True) == {
+        "stage": "training",
+        "step": 50,
+        "totalSteps": 200,
+        "percent": 25.0,
+        "loss": 1.25,
+        "etaSeconds": 3900.0,
+        "eta": "1h05m",
+        "updatedAt": T1,
+    }
+
+
+def test_observing_the_same_state_twice_changes_nothing() -> None:
+    first = derive_status(SPEC, job(active=1), [pod()], PROGRESS, None, FineTuneJobStatus(), T0)
+    again = derive_status(SPEC, job(active=1), [pod()], PROGRESS, None, first, T1)
+    assert status_patch(status_dict(first), again) == {}
+
+
+def test_operator_failures_are_final() -> None:
+    failed = FineTuneJobStatus(
+        phase="Failed",
+        conditions=set_condition([], "Failed", True, "InvalidSpec", "spec.x: bad", T0),
+    )
+    assert derive_status(SPEC, job(active=1), [pod()], PROGRESS, None, failed, T1) == failed
+
+
+def test_attempts_survive_pod_deletion() -> None:
+    first = derive_status(SPEC, job(active=1), [pod("ft-a")], None, None, FineTuneJobStatus(), T0)
+    second = derive_status(SPEC, job(active=1), [pod("ft-b")], None, None, first, T1)
+    assert (first.attempts, second.attempts, second.pod_name) == (1, 2, "ft-b")
+
+
+def test_condition_transition_time_changes_only_on_flip() -> None:
+    conds = set_condition([], "Running", True, "Training", "step 1", T0)
+    conds = set_condition(conds, "Running", True, "Training", "step 2", T1)
+    assert conds[0].last_transition_time == T0 and conds[0].message == "step 2"
+    conds = set_condition(conds, "Running", False, "Completed", "done", T1)
+    assert conds[0].last_transition_time == T1 and len(conds) == 1
+
+
+def test_checkpoints_bounded_and_best_marked() -> None:
+    ckpts = [
+        CheckpointInfo(step=s, uri=f"u/{s}", time=T0, eval_loss=(0.1 if s == 3 else 1.0))
+        for s in range(1, 31)
+    ]
+    merged = merge_checkpoints([], ckpts, limit=5)
+    assert [c.step for c in merged] == [3, 27, 28, 29, 30]
+    assert [c.best for c in merged] == [True, False, False, False, False]
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(None, None), (5, "5s"), (750, "12m30s"), (3900, "1h05m"), (2 * 86400 + 3 * 3600, "2d03h")],
+)
+def test_format_eta(seconds: float | None, text: str | None) -> None:
+    assert format_eta(seconds) == text
+
+
+def test_merge_patch() -> None:
+    old = {"a": 1, "b": {"c": 2, "d": 3}, "e": [1], "gone": True}
+    new = {"a": 1, "b": {"c": 2, "d": 4}, "e": [1, 2]}
+    assert merge_patch(old, new) == {"b": {"d": 4}, "e": [1, 2], "gone": None}
+    assert merge_patch(new, new) == {}
+
+
+@pytest.mark.parametrize(
+    ("extra", "reason"),
+    [({"suspend": True}, "SuspendedByUser"), ({"queueName": "team-a"}, "WaitingForQueue")],
+)
+def test_suspension_reasons(extra: dict[str, Any], reason: str) -> None:
+    spec = SPEC.model_copy(
+        update={"suspend": extra.get("suspend", False), "queue_name": extra.get("queueName")}
+    )
+    status = derive_status(
+        spec, job(suspend=True, active=0), [], None, None, FineTuneJobStatus(), T1
+    )
+    cond = get_condition(status.conditions, "Suspended")
+    assert status.phase == "Suspended" and cond is not None and cond.reason == reason
