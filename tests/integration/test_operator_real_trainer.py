@@ -1,0 +1,80 @@
+"""The operator running the real trainer (`python -m finetune_trainer`) on a tiny model."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from harness import Kubelet, operator_runner
+
+REPO = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.slow
+
+
+def _spec(dataset: str) -> dict:
+    return {
+        "model": {"source": "pvc://models/tiny"},
+        "dataset": {"source": f"pvc://data/{dataset}", "format": "alpaca", "maxSeqLength": 256},
+        "method": {"type": "lora", "lora": {"r": 4, "alpha": 8}},
+        "training": {
+            "maxSteps": 4,
+            "batchSize": 2,
+            "learningRate": 0.001,
+            "saveSteps": 2,
+            "loggingSteps": 1,
+            "precision": "fp32",
+        },
+        "output": {"uri": "pvc://outputs/real"},
+        "resources": {"gpus": 0, "cpu": "2", "memory": "4Gi"},
+    }
+
+
+@pytest.fixture()
+def real_kubelet(cluster, tmp_path: Path, tiny_model_dir: Path):
+    k = Kubelet(cluster, tmp_path / "kubelet")  # the pod's own command: the real trainer
+    shutil.copytree(tiny_model_dir, k.pvc_root / "models" / "tiny")
+    data = k.pvc_root / "data"
+    data.mkdir(parents=True)
+    shutil.copy(REPO / "examples" / "data" / "instructions.jsonl", data / "train.jsonl")
+    lines = (REPO / "examples" / "data" / "instructions.jsonl").read_text().splitlines()
+    lines[2] = "{not json"
+    (data / "broken.jsonl").write_text("\n".join(lines) + "\n")
+    k.start()
+    yield k
+    k.stop()
+
+
+def _phase(cluster, name: str) -> str | None:
+    return ((cluster.ftj(name) or {}).get("status") or {}).get("phase")
+
+
+def test_real_trainer_succeeds_with_adapter(cluster, real_kubelet) -> None:
+    with operator_runner():
+        cluster.apply_ftj("real", _spec("train.jsonl"))
+        cluster.wait_for(
+            lambda: _phase(cluster, "real") in ("Succeeded", "Failed"),
+            timeout=240,
+            what="finished",
+        )
+        status = cluster.ftj("real")["status"]
+        assert status["phase"] == "Succeeded", (status["conditions"], real_kubelet.logs()[-3000:])
+        adapter_uri = status["result"]["adapterUri"]
+        assert adapter_uri.startswith("pvc://outputs/real")
+        adapter = real_kubelet.pvc_root / adapter_uri.removeprefix("pvc://")
+        assert (adapter / "adapter_config.json").exists()
+
+
+def test_real_trainer_rejects_malformed_dataset_with_line_numbers(cluster, real_kubelet) -> None:
+    with operator_runner():
+        cluster.apply_ftj("broken", _spec("broken.jsonl"))
+        cluster.wait_for(
+            lambda: _phase(cluster, "broken") in ("Succeeded", "Failed"),
+            timeout=240,
+            what="finished",
+        )
+        status = cluster.ftj("broken")["status"]
+        failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+        assert failed["reason"] == "InvalidInput", (status, real_kubelet.logs())
+        assert "3" in failed["message"]
