@@ -314,9 +314,14 @@ def validate(schema: Schema, obj: Any, old: Any = None, path: str = "") -> list[
     return out
 
 
+@functools.cache
+def _committed_root() -> Schema:
+    return root_schema()  # read-only: shared by every call below
+
+
 def validate_object(obj: dict[str, Any], old: dict[str, Any] | None = None) -> list[Violation]:
-    """CEL violations of a whole FineTuneJob (create, or update from `old`)."""
-    return validate(root_schema(), obj, old)
+    """CEL violations of a whole FineTuneJob (create, or update from `old`), committed CRD."""
+    return validate(_committed_root(), obj, old)
 
 
 def messages(violations: list[Violation]) -> list[str]:
