@@ -331,6 +331,20 @@ def test_changing_the_run_is_refused(section: str, value: Any) -> None:
     ]
 
 
+@pytest.mark.parametrize("section", ["method", "training"])
+def test_removing_an_optional_run_section_is_refused(section: str) -> None:
+    after = {k: v for k, v in BEFORE.items() if k != section}
+    violations = no_errors(validate_object(job(after), job(BEFORE)))
+    assert [(v.path, v.message) for v in violations] == [
+        (f".spec.{section}", message_of(f"spec.{section} is immutable"))
+    ]
+
+
+def test_optional_sections_absent_before_and_after_pass() -> None:
+    assert no_errors(validate_object(job(SPEC), job(SPEC))) == []
+    assert no_errors(validate_object(job({**SPEC, "suspend": True}), job(SPEC))) == []
+
+
 @pytest.mark.parametrize(
     ("field", "value"),
     [
