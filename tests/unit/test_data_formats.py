@@ -306,3 +306,24 @@ def test_detection_majority_and_unused_fields(tmp_path: Path, tok: Any) -> None:
     )
     assert "m.jsonl:5: field 'instruction' is missing (has: completion, prompt)" in str(err.value)
     assert any("ignored: id (4 records)" in n for n in report.notes)
+
+
+def test_direct_backend_matches_the_tokenizer_call(
+    tok: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fast path (tokenizers backend + char_to_token) equals tokenizer(...) + offsets."""
+    from finetune_trainer.data import tokenize as tk
+    from finetune_trainer.data.templates import ChatRenderer, render_alpaca, render_completion
+
+    renderer = ChatRenderer(tok, None)
+    rendered = [
+        render_alpaca({"instruction": "Reverse it.", "input": "abc", "output": "cba"}),
+        render_completion({"prompt": "A: ", "completion": "Paris"}),
+        renderer.render(CHAT[0]),
+    ]
+    fast = tk.tokenize_rendered(tok, rendered, add_special_tokens=True, completion_only=True)
+    monkeypatch.setattr(tk, "_rust_backend", lambda _tok: None)
+    slow = tk.tokenize_rendered(tok, rendered, add_special_tokens=True, completion_only=True)
+    assert fast.input_ids == slow.input_ids and fast.masks == slow.masks
+    for ids, r in zip(fast.input_ids, rendered, strict=True):
+        assert ids == [*tok(r.text)["input_ids"], tok.eos_token_id]

@@ -172,17 +172,18 @@ class ValidationReport:
     def error_message(self) -> str:
         """The message of a DatasetError: every hard error kind, first examples, what to do."""
         n = self.error_count
-        head = f"dataset {self.source}: {n} problem{'s' if n != 1 else ''} stop the run"
+        head = f"dataset {self.source}: {n} problem{'s stop' if n != 1 else ' stops'} the run"
         if self.format:
             head += f" (format {self.format}"
             head += f"; {self.format_reason})" if self.format_reason else ")"
         lines = [head + ":"]
         for group in self.errors:
             lines += self._group_lines(group)
-        lines.append(
-            "Fix or remove these records (line numbers are 1-based) and check again with "
-            "`finetune validate`."
-        )
+        if any(issue.origin for group in self.errors for issue in group.examples):
+            lines.append(
+                "Fix or remove these records (line numbers are 1-based) and check again with "
+                "`finetune validate`."
+            )
         return "\n".join(lines)
 
     def render(self) -> str:

@@ -1,8 +1,8 @@
 """Tokenize rendered examples into input_ids and a completion mask.
 
 The whole text is tokenized once (so it tokenizes exactly as it would at inference) and the
-character offsets of each token decide whether the loss counts it: a token counts when it
-overlaps a completion span. Tokenizers without offsets (slow, Python ones) are handled by
+character positions of the tokens decide whether the loss counts them: a token counts when it
+overlaps a completion span (a token straddling the boundary counts). Tokenizers without offsets (slow, Python ones) are handled by
 tokenizing the prompt and completion segments separately and concatenating.
 """
 
@@ -33,6 +33,42 @@ def _mask(offsets: Sequence[tuple[int, int]], spans: list[Span]) -> list[int]:
     return [1 if any(b > s and a < e for s, e in spans) else 0 for a, b in offsets]
 
 
+def _rust_backend(tokenizer: Any) -> Any | None:
+    """The `tokenizers.Tokenizer` behind a fast tokenizer, when calling it directly is safe.
+
+    One ordinary call first lets transformers reset truncation, padding and special-token
+    handling on the backend; a backend that still truncates or pads is not used directly.
+    """
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is None or not hasattr(backend, "encode_batch"):
+        return None
+    tokenizer(["x"], add_special_tokens=False, verbose=False)
+    if getattr(backend, "truncation", None) is not None:
+        return None
+    if getattr(backend, "padding", None) is not None:
+        return None
+    return backend
+
+
+def _mask_from_encoding(encoding: Any, spans: list[Span]) -> list[int]:
+    """Completion mask from character spans in O(spans) lookups (char_to_token).
+
+    Tokens containing the first and last character of a span and all tokens between count;
+    when a character maps to no token (a normalizer dropped it) fall back to the offsets.
+    """
+    n = len(encoding.ids)
+    mask = [0] * n
+    for s, e in spans:
+        if e <= s:
+            continue
+        first = encoding.char_to_token(s)
+        last = encoding.char_to_token(e - 1)
+        if first is None or last is None:
+            return _mask(encoding.offsets, spans)
+        mask[first : last + 1] = [1] * (last + 1 - first)
+    return mask
+
+
 def tokenize_rendered(
     tokenizer: Any,
     rendered: list[Rendered],
@@ -48,18 +84,29 @@ def tokenize_rendered(
     """
     eos = tokenizer.eos_token_id if add_eos else None
     out = Tokenized()
-    fast = bool(getattr(tokenizer, "is_fast", False))
+    backend = _rust_backend(tokenizer) if getattr(tokenizer, "is_fast", False) else None
     for start in range(0, len(rendered), BATCH):
         chunk = rendered[start : start + BATCH]
-        if fast:
+        texts = [r.text for r in chunk]
+        if backend is not None:
+            encodings = backend.encode_batch(texts, add_special_tokens=add_special_tokens)
+            all_ids: list[list[int]] = [enc.ids for enc in encodings]
+            if completion_only:
+                masks = [
+                    _mask_from_encoding(enc, r.spans)
+                    for enc, r in zip(encodings, chunk, strict=True)
+                ]
+            else:
+                masks = [[1] * len(ids) for ids in all_ids]
+        elif getattr(tokenizer, "is_fast", False):
             enc = tokenizer(
-                [r.text for r in chunk],
+                texts,
                 add_special_tokens=add_special_tokens,
                 return_offsets_mapping=completion_only,
                 return_attention_mask=False,
                 verbose=False,
             )
-            all_ids: list[list[int]] = enc["input_ids"]
+            all_ids = enc["input_ids"]
             if completion_only:
                 masks = [
                     _mask(offsets, r.spans)
@@ -77,11 +124,11 @@ def tokenize_rendered(
             ends_in_completion = bool(r.spans) and r.spans[-1][1] >= len(r.text)
             if eos is not None:
                 if not ids or ids[-1] != eos:
-                    ids = [*ids, eos]
-                    mask = [*mask, 0]
+                    ids.append(eos)
+                    mask.append(0)
                 if ends_in_completion or not completion_only:
                     mask[-1] = 1
-            out.input_ids.append(list(ids))
+            out.input_ids.append(ids)
             out.masks.append(mask)
     return out
 
