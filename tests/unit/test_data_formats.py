@@ -327,3 +327,37 @@ def test_direct_backend_matches_the_tokenizer_call(
     assert fast.input_ids == slow.input_ids and fast.masks == slow.masks
     for ids, r in zip(fast.input_ids, rendered, strict=True):
         assert ids == [*tok(r.text)["input_ids"], tok.eos_token_id]
+
+
+class _SlowTokenizer:
+    """A tokenizer without offsets (like a Python/SentencePiece one): segment-wise path."""
+
+    is_fast = False
+
+    def __init__(self, fast: Any) -> None:
+        self.fast = fast
+        self.eos_token_id = fast.eos_token_id
+        self.chat_template = None
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return list(self.fast.encode(text, add_special_tokens=add_special_tokens))
+
+    def get_vocab(self) -> dict[str, int]:
+        return dict(self.fast.get_vocab())
+
+
+def test_tokenizer_without_offsets(tok: Any) -> None:
+    prepared = prepare(_SlowTokenizer(tok), CHAT)
+    ids, mask = prepared.train[0]["input_ids"], prepared.train[0]["completion_mask"]
+    assert tok.decode([t for t, m in zip(ids, mask, strict=True) if m]) == (
+        "Hello!<|im_end|>\nGoodbye.<|im_end|><|endoftext|>"
+    )
+
+
+def test_classification_truncation_retokenizes(tok: Any) -> None:
+    rows = [{"text": "word " * 60, "label": "a"}, {"text": "short", "label": "b"}]
+    prepared = prepare(tok, rows, task="sequence-classification", maxSeqLength=16)
+    assert [len(ids) for ids in prepared.train["input_ids"]] == [16, len(tok("short")["input_ids"])]
+    assert prepared.train[0]["attention_mask"] == [1] * 16
+    assert prepared.stats.truncated == 1
+    assert prepared.report.groups["overlong"].examples[0].origin.line == 0

@@ -163,8 +163,8 @@ class _Pipeline:
 
     def _setup_chat(self) -> None:
         tok = self.tokenizer
-        if tok is None and self.spec.template not in (None, "chatml"):
-            return  # a Jinja template needs the tokenizer; validate without one skips rendering
+        if tok is None and (self.spec.template or "").strip().lower() != "chatml":
+            return  # the template may be the tokenizer's: validate without one skips rendering
         self.renderer = ChatRenderer(tok, self.spec.template, self.spec.system_prompt)
         self.report.note(f"chat rendered with {self.renderer.description}")
         if self.renderer.is_chatml and tok is not None:
