@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import socket
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -110,42 +108,6 @@ def test_local_download_and_upload(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 
 # -- S3 against moto --------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def moto_endpoint() -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
-
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-def s3(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
-    """A fresh bucket on the moto server; returns its s3:// URI."""
-    import uuid
-
-    import s3fs
-
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("FINETUNE_S3_ENDPOINT_URL", moto_endpoint)
-    bucket = f"b-{uuid.uuid4().hex[:12]}"
-    fs = s3fs.S3FileSystem(endpoint_url=moto_endpoint)
-    fs.mkdir(bucket)
-    return f"s3://{bucket}"
-
-
 def test_s3_upload_download_roundtrip(s3: str, tmp_path: Path) -> None:
     src = tmp_path / "model"
     (src / "nested").mkdir(parents=True)

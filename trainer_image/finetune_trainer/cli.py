@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from finetune_trainer.config import ConfigError, RunConfig
 from finetune_trainer.manifest import load_run
@@ -51,7 +52,7 @@ def _load(file: Path, overrides: list[str] | None) -> tuple[str, RunConfig]:
     except ConfigError as exc:
         console.print(f"[red]invalid {file}:[/red]")
         for line in exc.errors:
-            console.print(f"  {line}")
+            console.print(f"  {line}", markup=False, highlight=False)
         raise typer.Exit(int(ExitCode.INVALID_INPUT)) from None
     if ignored:
         console.print(f"[dim]cluster-only fields not used locally: {', '.join(ignored)}[/dim]")
@@ -84,6 +85,7 @@ class _Bar:
             transient=False,
         )
         self.task = self.progress.add_task("run", total=None, phase="starting", loss="-", eval="-")
+        self._last_message: str | None = None
 
     def __call__(self, p: RunProgress) -> None:
         fields: dict[str, Any] = {"phase": p.phase.value}
@@ -96,8 +98,9 @@ class _Bar:
         if p.phase == Phase.TRAINING or p.step:
             fields["completed"] = p.step
         self.progress.update(self.task, **fields)
-        if p.message and p.phase not in (Phase.TRAINING,):
-            self.progress.console.print(f"[dim]{p.phase.value}: {p.message}[/dim]")
+        if p.message and p.phase not in (Phase.TRAINING,) and p.message != self._last_message:
+            self._last_message = p.message
+            self.progress.console.print(Text(f"{p.phase.value}: {p.message}", style="dim"))
 
 
 def _summary_table(summary: Summary) -> Table:
@@ -120,7 +123,7 @@ def _summary_table(summary: Summary) -> Table:
         ("message", summary.message),
     ):
         if value is not None:
-            table.add_row(key, str(value))
+            table.add_row(key, Text(str(value)))
     return table
 
 
@@ -178,11 +181,13 @@ def validate(file: FileArg, set_: SetOpt = None) -> None:
             local = fetch_model(run_config.model, Path.cwd() / ".finetune-cache")
             _, prepared = prepare_data(run_config, local)
     except (InvalidInputError, ModelLoadError) as exc:
-        console.print(f"[red]invalid:[/red] {exc}")
+        console.print("[red]invalid:[/red]")
+        console.print(str(exc), markup=False, highlight=False)
         raise typer.Exit(int(ExitCode.INVALID_INPUT)) from None
-    console.print(prepared.report.render())
-    console.print("\n".join(prepared.stats.render_lines()))
-    console.print(f"[green]dataset OK[/green]: {data_summary(prepared)}")
+    console.print(prepared.report.render(), markup=False, highlight=False)
+    console.print("\n".join(prepared.stats.render_lines()), markup=False, highlight=False)
+    console.print("[green]dataset OK[/green]: ", end="")
+    console.print(data_summary(prepared), markup=False, highlight=False)
 
 
 def _load_plugins() -> None:
