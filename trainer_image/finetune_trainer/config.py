@@ -160,7 +160,13 @@ class DatasetSpec(SpecModel):
     )
     packing: bool = Field(
         default=False,
-        description="Pack examples into padding-free batches (position_ids, varlen attention).",
+        description="Pack examples into max-length rows (best-fit decreasing), padding-free.",
+    )
+    padding_free: bool | Auto = Field(
+        default="auto",
+        description="Concatenate each batch into one row with position_ids instead of padding "
+        "(varlen attention: flash-attention when installed, else SDPA with a block mask); "
+        "auto: on for causal-lm except prefix/prompt tuning.",
     )
     completion_only_loss: bool | None = Field(
         default=None,
@@ -325,6 +331,11 @@ class TrainingSpec(SpecModel):
     gradient_checkpointing: bool | Auto = Field(
         default="auto", description="Recompute activations; auto turns it on for large models."
     )
+    liger_kernel: bool | Auto = Field(
+        default="auto",
+        description="Liger Triton kernels (RMSNorm, RoPE, SwiGLU); auto: on with CUDA when "
+        "liger-kernel is installed.",
+    )
     seed: int = Field(default=42, ge=0, le=2**31 - 1)
     logging_steps: int = Field(default=10, ge=1, le=100_000)
     eval_steps: int | None = Field(
@@ -381,9 +392,16 @@ class RunConfig(SpecModel):
                 )
             if self.dataset.packing:
                 raise ValueError("dataset.packing: not used by sequence-classification")
+            if self.dataset.padding_free is True:
+                raise ValueError("dataset.paddingFree: not used by sequence-classification")
         elif fmt == "classification":
             raise ValueError(
                 "dataset.format: classification data needs task sequence-classification"
+            )
+        if self.dataset.padding_free is True and self.method.type in ("prefix", "prompt"):
+            raise ValueError(
+                f"dataset.paddingFree: {self.method.type} tuning prepends virtual tokens to "
+                "each row; set it to auto or false"
             )
         if self.output.merge_adapter and self.method.type in ("full", "prefix", "prompt"):
             raise ValueError(

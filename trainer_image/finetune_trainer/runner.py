@@ -84,6 +84,30 @@ def _load_dtype(run: RunConfig, precision: str) -> Any:
     return torch_dtype("fp32")
 
 
+def padding_free(run: RunConfig) -> bool:
+    """Whether causal-LM batches are concatenated into one row with position_ids (no padding).
+
+    auto: on for causal LM except prefix/prompt tuning (their virtual tokens are per row).
+    Packing implies it. The attention layers see the sequence boundaries through position_ids
+    (flash-attention varlen, or SDPA/eager with a block-diagonal mask)."""
+    if run.task != "causal-lm":
+        return False
+    if run.dataset.packing:
+        return True
+    if run.dataset.padding_free == "auto":
+        return run.method.type not in ("prefix", "prompt")
+    return bool(run.dataset.padding_free)
+
+
+def use_liger(run: RunConfig, device: str) -> bool:
+    """Liger kernels: auto means on with CUDA when liger-kernel is installed."""
+    if run.training.liger_kernel == "auto":
+        import importlib.util
+
+        return device == "cuda" and importlib.util.find_spec("liger_kernel") is not None
+    return bool(run.training.liger_kernel)
+
+
 def _training_args(
     run: RunConfig, hp: hyper.Resolved, batch_size: int, out_dir: Path, has_eval: bool
 ) -> dict[str, Any]:
@@ -131,6 +155,8 @@ def _training_args(
     }
     if device == "cuda":
         args["tf32"] = True
+    if use_liger(run, device):
+        args["use_liger_kernel"] = True
     return args
 
 
@@ -172,11 +198,14 @@ def _build_trainer(
         )
     from trl import SFTConfig, SFTTrainer
 
+    flat = padding_free(run)
     config = SFTConfig(
         **args,
-        max_length=run.dataset.max_seq_length,
+        # the data pipeline already truncated to maxSeqLength; TRL enforces max_length only
+        # by packing, and refuses it for padding-free batches without packing
+        max_length=run.dataset.max_seq_length if run.dataset.packing or not flat else None,
         packing=run.dataset.packing,
-        padding_free=run.dataset.packing,
+        padding_free=flat,
         completion_only_loss=True,
         dataset_num_proc=None,
     )

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The CUDA benchmark suite (bench/trainer_bench.py), as run for docs/benchmarks.md.
+#   bash bench/gpu_suite.sh OUTDIR 1b     # Llama-3.2-1B shape: lora (+ablations), qlora, full
+#   bash bench/gpu_suite.sh OUTDIR 1b-lora  # only the 1B LoRA ablations
+#   bash bench/gpu_suite.sh OUTDIR 8b     # Llama-3.1-8B shape: lora, qlora
+# Needs the trainer extra installed (trl, peft, bitsandbytes, datasets) and, for the Liger
+# arms, liger-kernel.
+set -u
+out=${1:?output dir}
+part=${2:-1b}
+mkdir -p "$out"
+here=$(cd "$(dirname "$0")" && pwd)
+bench() { python3 "$here/trainer_bench.py" --device cuda "$@" 2>&1 | grep -v -i -e "warn" -e "Loading weights" -e "Writing model"; }
+case "$part" in
+  1b)
+    bench --model llama-3.2-1b --method lora --arms ours,baseline,ours-padded,ours-packed,ours-noliger \
+      --steps 20 --rounds 2 --out "$out/1b-lora.json"
+    bench --model llama-3.2-1b --method qlora --steps 20 --rounds 2 --out "$out/1b-qlora.json"
+    bench --model llama-3.2-1b --method full --batch 4 --steps 20 --rounds 2 --out "$out/1b-full.json"
+    ;;
+  1b-lora)
+    bench --model llama-3.2-1b --method lora --arms ours,baseline,ours-padded,ours-packed,ours-noliger \
+      --steps 20 --rounds 2 --out "$out/1b-lora.json"
+    ;;
+  8b)
+    bench --model llama-3.1-8b --method lora --steps 10 --rounds 2 --warmup-steps 2 --out "$out/8b-lora.json"
+    bench --model llama-3.1-8b --method qlora --steps 10 --rounds 1 --warmup-steps 2 --out "$out/8b-qlora.json"
+    ;;
+esac

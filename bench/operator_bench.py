@@ -1,0 +1,323 @@
+"""Operator latency and scale: the real operator against kmock's Kubernetes emulator.
+
+    python bench/operator_bench.py                # N = 100
+    python bench/operator_bench.py --n 1000
+    python bench/operator_bench.py --n 1000 --rate 50   # paced creations (per second)
+
+Starts kmock's KubernetesEmulator (the integration-test harness, tests/integration/harness.py)
+on a local port and the real operator (`kopf run -m finetune_operator.main`) as a separate
+process pointed at it through a kubeconfig; or, with ``--server`` (e.g. ``kubectl proxy``), a real cluster where the operator is
+installed (nothing is started; latencies only).
+Then it creates N FineTuneJobs and measures, from watch events:
+
+- latency from each FineTuneJob's create request to the ADDED watch event of its Job
+  (p50/p95/p99), and the server-side gap between the two creationTimestamps;
+- time until all N are reconciled (status.jobName written by the operator);
+- operator peak RSS (VmHWM) and CPU seconds (utime+stime) of the operator process;
+- API requests the operator made per FineTuneJob (by verb and resource), counted by the
+  emulator, over the whole run and in a quiet window afterwards (steady-state polling).
+
+No kubelet runs: the Jobs stay pending, so the figures are for the operator's own path
+(validate, ConfigMap, Job, status) and its steady-state polling of pending Jobs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+import benchlib  # noqa: E402
+
+BENCH_UA = "ftj-bench/1"
+GROUP_PATH = "/apis/finetune.dev/v1alpha1"
+
+SPEC: dict[str, Any] = {
+    "model": {"source": "hf://HuggingFaceTB/SmolLM2-135M-Instruct"},
+    "dataset": {"source": "pvc://data/train.jsonl", "format": "alpaca"},
+    "method": {"type": "lora"},
+    "training": {"maxSteps": 100},
+    "output": {"uri": "pvc://outputs/bench"},
+}
+
+
+def _proc_stats(pid: int) -> dict[str, float]:
+    """Peak RSS (bytes) and CPU seconds of a live process, from /proc."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    hwm = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
+    rss = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    cpu = (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+    return {"peak_rss_bytes": hwm * 1024, "rss_bytes": rss * 1024, "cpu_seconds": cpu}
+
+
+def _ts(value: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+class Counter:
+    """Requests the operator made, by 'VERB resource' (the bench's own are not counted)."""
+
+    def __init__(self) -> None:
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    def snapshot(self) -> dict[str, int]:
+        return dict(self.counts)
+
+
+def start_emulator(tmp: Path, counter: Counter) -> Any:
+    """The integration harness's Cluster, with an emulator that counts requests."""
+    sys.path.insert(0, str(REPO / "tests" / "integration"))
+    import harness
+
+    base = harness.Emulator
+
+    class CountingEmulator(base):  # type: ignore[misc, valid-type]
+        async def _handle(self, request: Any) -> Any:
+            if request.headers.get("User-Agent") != BENCH_UA:
+                res = request.resource
+                what = getattr(res, "plural", None) or str(request.url.path)
+                if request.subresource:
+                    what += "/" + request.subresource
+                action = getattr(request.action, "name", None) or str(request.method)
+                counter.counts[f"{action} {what}"] += 1
+            return await super()._handle(request)
+
+    harness.Emulator = CountingEmulator
+    return harness.Cluster(tmp)
+
+
+async def run(args: argparse.Namespace, server: str, kubeconfig: Path | None) -> dict[str, Any]:
+    import aiohttp
+
+    ns = args.namespace
+    prefix = f"bench-{uuid.uuid4().hex[:6]}"
+    names = [f"{prefix}-{i:05d}" for i in range(args.n)]
+    sent: dict[str, float] = {}
+    created_ts: dict[str, float] = {}
+    job_seen: dict[str, float] = {}
+    job_server_gap: dict[str, float] = {}
+    reconciled: dict[str, float] = {}
+    all_jobs = asyncio.Event()
+    all_reconciled = asyncio.Event()
+    wanted = set(names)
+    headers = {"User-Agent": BENCH_UA, "Content-Type": "application/json"}
+    if args.token:
+        headers["Authorization"] = f"Bearer {args.token}"
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=None)
+    async with aiohttp.ClientSession(server, headers=headers, timeout=timeout) as http:
+
+        async def watch(path: str, on_event: Any) -> None:
+            while True:
+                try:
+                    async with http.get(path, params={"watch": "true"}) as resp:
+                        async for line in resp.content:
+                            if line.strip():
+                                on_event(json.loads(line), time.monotonic())
+                except (TimeoutError, aiohttp.ClientError):
+                    await asyncio.sleep(0.1)
+
+        def on_job(event: dict[str, Any], now: float) -> None:
+            obj = event.get("object") or {}
+            refs = obj.get("metadata", {}).get("ownerReferences") or []
+            owner = next((r["name"] for r in refs if r.get("kind") == "FineTuneJob"), None)
+            if owner in wanted and owner not in job_seen and event.get("type") == "ADDED":
+                job_seen[owner] = now
+                stamp = obj["metadata"].get("creationTimestamp")
+                if stamp and owner in created_ts:
+                    job_server_gap[owner] = _ts(stamp) - created_ts[owner]
+                if len(job_seen) == len(wanted):
+                    all_jobs.set()
+
+        def on_ftj(event: dict[str, Any], now: float) -> None:
+            obj = event.get("object") or {}
+            name = obj.get("metadata", {}).get("name")
+            status = obj.get("status") or {}
+            if name in wanted and name not in reconciled and status.get("jobName"):
+                reconciled[name] = now
+                if len(reconciled) == len(wanted):
+                    all_reconciled.set()
+
+        watchers = [
+            asyncio.create_task(watch(f"/apis/batch/v1/namespaces/{ns}/jobs", on_job)),
+            asyncio.create_task(watch(f"{GROUP_PATH}/namespaces/{ns}/finetunejobs", on_ftj)),
+        ]
+        await asyncio.sleep(0.5)
+        sem = asyncio.Semaphore(args.concurrency)
+        start = time.monotonic()
+
+        async def create(i: int, name: str) -> None:
+            if args.rate:
+                delay = start + i / args.rate - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            body = {
+                "apiVersion": "finetune.dev/v1alpha1",
+                "kind": "FineTuneJob",
+                "metadata": {"name": name, "namespace": ns},
+                "spec": SPEC,
+            }
+            async with sem:
+                sent[name] = time.monotonic()
+                async with http.post(
+                    f"{GROUP_PATH}/namespaces/{ns}/finetunejobs", data=json.dumps(body)
+                ) as resp:
+                    doc = await resp.json()
+                    if resp.status >= 300:
+                        raise RuntimeError(f"create {name}: {resp.status} {doc}")
+                    stamp = doc.get("metadata", {}).get("creationTimestamp")
+                    if stamp:
+                        created_ts[name] = _ts(stamp)
+
+        await asyncio.gather(*(create(i, n) for i, n in enumerate(names)))
+        created_all = time.monotonic() - start
+        try:
+            await asyncio.wait_for(all_jobs.wait(), args.timeout)
+            await asyncio.wait_for(all_reconciled.wait(), args.timeout)
+        except TimeoutError:
+            pass
+        done = time.monotonic() - start
+        for task in watchers:
+            task.cancel()
+        if args.cleanup:
+            for name in names:
+                async with http.delete(f"{GROUP_PATH}/namespaces/{ns}/finetunejobs/{name}"):
+                    pass
+    latencies = [job_seen[n] - sent[n] for n in names if n in job_seen]
+    gaps = list(job_server_gap.values())
+    return {
+        "n": args.n,
+        "jobs_seen": len(job_seen),
+        "reconciled": len(reconciled),
+        "create_seconds": created_all,
+        "all_reconciled_seconds": done,
+        "latency_p50": benchlib.percentile(latencies, 50),
+        "latency_p95": benchlib.percentile(latencies, 95),
+        "latency_p99": benchlib.percentile(latencies, 99),
+        "latency_max": max(latencies) if latencies else None,
+        "server_gap_p50": benchlib.percentile(gaps, 50),
+        "server_gap_p99": benchlib.percentile(gaps, 99),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--n", type=int, default=100, help="FineTuneJobs to create")
+    p.add_argument(
+        "--rate", type=float, default=0.0, help="creations per second (0: as fast as possible)"
+    )
+    p.add_argument("--concurrency", type=int, default=16, help="create requests in flight")
+    p.add_argument("--quiet-seconds", type=float, default=15.0, help="steady-state window after")
+    p.add_argument("--timeout", type=float, default=600.0)
+    p.add_argument("--namespace", default="default")
+    p.add_argument(
+        "--server",
+        help="a real cluster's API, e.g. http://127.0.0.1:8001 from `kubectl proxy`, with the "
+        "operator installed there (nothing is started; latencies only)",
+    )
+    p.add_argument("--token", default="", help="bearer token for --server")
+    p.add_argument("--cleanup", action="store_true", help="delete the FineTuneJobs afterwards")
+    p.add_argument("--out", type=Path, help="write results as JSON here")
+    args = p.parse_args(argv)
+
+    if args.server:  # a real cluster: latencies only (the operator runs in the cluster)
+        result = asyncio.run(run(args, args.server.rstrip("/"), None))
+        print(json.dumps(result, indent=1))
+        return 0
+
+    counter = Counter()
+    tmp = Path(tempfile.mkdtemp(prefix="opbench-"))
+    cluster = start_emulator(tmp, counter)
+    with cluster:
+        env = {
+            **os.environ,
+            "KUBECONFIG": str(cluster.kubeconfig),
+            "FINETUNE_METRICS_PORT": "0",
+        }
+        log = (tmp / "operator.log").open("w")
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "kopf",
+                "run",
+                "--standalone",
+                "--all-namespaces",
+                *(["--verbose"] if os.environ.get("BENCH_VERBOSE") else []),
+                "-m",
+                "finetune_operator.main",
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            # ready = the operator has reconciled one FineTuneJob
+            ready_started = time.monotonic()
+            warm = argparse.Namespace(**{**vars(args), "n": 1, "rate": 0.0})
+            warm_result = asyncio.run(run(warm, cluster.url, cluster.kubeconfig))
+            startup = time.monotonic() - ready_started
+            before = counter.snapshot()
+            stats_before = _proc_stats(proc.pid)
+            result = asyncio.run(run(args, cluster.url, cluster.kubeconfig))
+            after = counter.snapshot()
+            time.sleep(args.quiet_seconds)
+            quiet = counter.snapshot()
+            stats = _proc_stats(proc.pid)
+        finally:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            log.close()
+    run_requests = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    quiet_requests = {k: quiet.get(k, 0) - after.get(k, 0) for k in quiet}
+    n = args.n
+    result.update(
+        startup_to_first_job_seconds=startup,
+        warmup_latency=warm_result["latency_p50"],
+        operator_peak_rss_bytes=stats["peak_rss_bytes"],
+        operator_rss_bytes=stats["rss_bytes"],
+        operator_cpu_seconds=stats["cpu_seconds"] - stats_before["cpu_seconds"],
+        requests_per_job=sum(run_requests.values()) / n,
+        requests_by_kind_per_job={k: round(v / n, 3) for k, v in sorted(run_requests.items()) if v},
+        quiet_seconds=args.quiet_seconds,
+        quiet_requests_per_job_per_minute=sum(quiet_requests.values())
+        / n
+        * 60
+        / args.quiet_seconds,
+        quiet_by_kind={k: v for k, v in sorted(quiet_requests.items()) if v},
+        rate=args.rate,
+        concurrency=args.concurrency,
+        cpus=os.cpu_count(),
+        load_avg=os.getloadavg(),
+    )
+    shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}
+    print(json.dumps(shown, indent=1))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
