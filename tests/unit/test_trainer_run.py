@@ -168,3 +168,36 @@ def test_classification_with_minilm(minilm_dir: Path, tmp_path: Path) -> None:
     assert 0.0 <= metrics["eval_accuracy"] <= 1.0
     config = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
     assert config["task_type"] == "SEQ_CLS"
+
+
+def test_eval_steps_early_stopping_best_checkpoint_and_test_split(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    run = _run(
+        tiny_model_dir,
+        out,
+        dataset={"validation": {"splitRatio": 0.1}, "test": {"splitRatio": 0.1}},
+        training={
+            "maxSteps": 8,
+            "saveSteps": 2,
+            "evalSteps": 2,
+            "saveTotalLimit": 1,
+            "earlyStopping": {"patience": 2},
+        },
+    )
+    summary, _, ctx = _execute(run)
+    assert summary.outcome == Outcome.SUCCEEDED, summary.message
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"test_loss", "test_perplexity", "eval_loss"} <= metrics.keys()
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    eval_steps = [h["step"] for h in history if "eval_loss" in h and h["step"] > 0]
+    assert eval_steps[:2] == [2, 4]  # evaluated every 2 steps
+    checkpoints = ctx.tracker.snapshot().checkpoints
+    assert all(c.eval_loss is not None for c in checkpoints)
+    best = [c for c in checkpoints if c.best]
+    assert len(best) == 1
+    assert best[0].eval_loss == min(c.eval_loss or 0.0 for c in checkpoints)
+    # saveTotalLimit 1 keeps the newest and never rotates the best away
+    kept = {int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("checkpoint-*")}
+    assert best[0].step in kept and len(kept) <= 2
