@@ -76,3 +76,16 @@ def test_quantized_base_really_is_kbit(tiny_model_dir: Path) -> None:
     model = load_model(LocalModel(tiny_model_dir), run, dtype=torch.bfloat16)
     kinds = {type(m) for m in model.modules()}
     assert bnb.nn.Linear4bit in kinds
+
+
+def test_auto_batch_size_is_probed_on_gpu(tiny_model_dir: Path, tmp_path: Path) -> None:
+    run = _run(tiny_model_dir, tmp_path / "out", {"bits": 4}).model_copy(deep=True)
+    run.training.batch_size = "auto"
+    ctx = RunContext(name="auto")
+    summary = run_reported(run, ctx, progress_port=None)
+    assert summary.outcome == Outcome.SUCCEEDED, summary.message
+    state = json.loads(
+        (tmp_path / "out" / "checkpoints" / "checkpoint-6" / "trainer_state.json").read_text()
+    )
+    # a 2-layer model at 256 tokens fits the probe's starting batch (64, capped by the data)
+    assert state["train_batch_size"] == 64

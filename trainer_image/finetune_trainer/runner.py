@@ -307,8 +307,8 @@ def execute(run: RunConfig, ctx: RunContext) -> Summary:
     log.info("%s", params)
     batch_size = hp.batch_size
     if batch_size is None:
-        if device == "cuda":
-            model.to("cuda")
+        if device == "cuda" and next(model.parameters()).device.type != "cuda":
+            model.to("cuda")  # k-bit models are already placed (and refuse .to)
         batch_size = hyper.probe_batch_size(
             model, run.dataset.max_seq_length, min(hyper.GPU_AUTO_BATCH_START, len(prepared.train))
         )
