@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from finetune_trainer.config import TrainingSpec
 
 from finetune_operator.api import (
     CATEGORIES,
@@ -54,6 +55,8 @@ def _rule(rule: str, message: str, field_path: str | None = None) -> dict[str, s
         out["fieldPath"] = field_path
     return out
 
+
+_DEFAULT_SAVE_STEPS = TrainingSpec.model_fields["save_steps"].default
 
 # CEL rules attached to nodes of the spec schema, keyed by property path under spec.
 # They mirror the pydantic cross-field validators (whose messages name the same fields).
@@ -120,6 +123,14 @@ SPEC_RULES: dict[tuple[str, ...], list[dict[str, str]]] = {
         _rule(
             "has(self.source) != has(self.splitRatio)",
             "spec.dataset.test: set exactly one of source or splitRatio",
+        )
+    ],
+    ("training",): [
+        _rule(
+            "!has(self.earlyStopping) || !has(self.evalSteps) || "
+            f"(has(self.saveSteps) ? self.saveSteps : {_DEFAULT_SAVE_STEPS}) % self.evalSteps == 0",
+            "spec.training.saveSteps: must be a multiple of evalSteps when earlyStopping is set",
+            ".saveSteps",
         )
     ],
     ("method",): [

@@ -226,6 +226,19 @@ CASES: list[tuple[str, str, str, dict[str, Any], dict[str, Any]]] = [
         spec_with(training={"epochs": "many"}),
     ),
     (
+        "save-steps-at-evaluations",
+        "saveSteps: must be a multiple of evalSteps",
+        ".spec.training.saveSteps",
+        spec_with(
+            dataset={"source": "s3://b/t", "validation": {"splitRatio": 0.1}},
+            training={"evalSteps": 5, "saveSteps": 20, "earlyStopping": {"patience": 2}},
+        ),
+        spec_with(
+            dataset={"source": "s3://b/t", "validation": {"splitRatio": 0.1}},
+            training={"evalSteps": 5, "saveSteps": 12, "earlyStopping": {"patience": 2}},
+        ),
+    ),
+    (
         "batch-size-range",
         "must be an integer in [1, 4096] or 'auto'",
         ".spec.training.batchSize",

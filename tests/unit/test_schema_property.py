@@ -316,7 +316,7 @@ def test_the_property_is_not_vacuous() -> None:
     accepted: list[dict[str, Any]] = []
     refused = 0
 
-    @settings(max_examples=150, deadline=None, database=None, derandomize=True)
+    @settings(max_examples=300, deadline=None, database=None, derandomize=True)
     @given(spec=specs)
     def sample(spec: dict[str, Any]) -> None:
         nonlocal refused

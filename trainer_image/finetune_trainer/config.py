@@ -352,6 +352,16 @@ class TrainingSpec(SpecModel):
     )
     early_stopping: EarlyStoppingSpec | None = None
 
+    @model_validator(mode="after")
+    def _save_at_evaluations(self) -> TrainingSpec:
+        es, every = self.early_stopping, self.eval_steps
+        if es is not None and every is not None and self.save_steps % every:
+            raise ValueError(
+                f"saveSteps: must be a multiple of evalSteps ({every}) when earlyStopping is "
+                "set: the best checkpoint is chosen at evaluations"
+            )
+        return self
+
 
 # --------------------------------------------------------------------------------------------
 # output and the whole run
