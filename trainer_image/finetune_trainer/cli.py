@@ -46,6 +46,19 @@ SetOpt = Annotated[
 ]
 
 
+def _quiet_libraries() -> None:
+    """Keep library warnings and their own progress bars out of the progress display."""
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    for category in (FutureWarning, UserWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def _load(file: Path, overrides: list[str] | None) -> tuple[str, RunConfig]:
     try:
         name, run, ignored = load_run(file, overrides)
@@ -153,7 +166,7 @@ def run(
         format="%(levelname)s %(name)s: %(message)s",
     )
     if not verbose:
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        _quiet_libraries()
     name, run_config = _load(file, set_)
     run_config = _local_output(name, run_config, output)
     ctx = RunContext(name=name)
