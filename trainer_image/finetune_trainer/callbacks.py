@@ -25,7 +25,6 @@ class PreemptionFlag:
 
     def __init__(self) -> None:
         self.event = threading.Event()
-        self.received_at: float | None = None
 
     def install(self) -> None:
         """Handle SIGTERM (and SIGINT) by asking the training loop to save and stop."""
@@ -33,7 +32,6 @@ class PreemptionFlag:
         def handler(signum: int, frame: FrameType | None) -> None:
             if not self.event.is_set():
                 log.warning("received signal %d: saving a checkpoint and stopping", signum)
-                self.received_at = time.monotonic()
             self.event.set()
 
         signal.signal(signal.SIGTERM, handler)
@@ -55,27 +53,26 @@ class RunCallback(TrainerCallback):  # type: ignore[misc]
         store: CheckpointStore,
         history_path: Path,
         preemption: PreemptionFlag,
-        tokens_per_step: float | None = None,
     ) -> None:
         self.tracker = tracker
         self.store = store
         self.history_path = history_path
         self.preemption = preemption
-        self.tokens_per_step = tokens_per_step
         self._start_time = 0.0
         self._start_step = 0
         self._start_tokens = 0
 
     # -- helpers ------------------------------------------------------------------------------
-    def _rate_and_eta(self, state: TrainerState) -> tuple[float | None, float | None, float | None]:
+    def _rate_and_eta(self, state: TrainerState) -> tuple[float | None, float | None]:
+        """Tokens/s and seconds left, from the steps of this attempt (not resumed ones)."""
         elapsed = time.monotonic() - self._start_time
         steps = state.global_step - self._start_step
         if steps <= 0 or elapsed <= 0:
-            return None, None, None
+            return None, None
         tokens = state.num_input_tokens_seen - self._start_tokens
         tps = tokens / elapsed if tokens > 0 else None
         eta = (state.max_steps - state.global_step) * elapsed / steps
-        return tps, max(eta, 0.0), elapsed
+        return tps, max(eta, 0.0)
 
     # -- events -------------------------------------------------------------------------------
     def on_train_begin(
@@ -95,7 +92,7 @@ class RunCallback(TrainerCallback):  # type: ignore[misc]
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any
     ) -> None:
-        tps, eta, _elapsed = self._rate_and_eta(state)
+        tps, eta = self._rate_and_eta(state)
         self.tracker.update(
             step=state.global_step,
             epoch=round(state.epoch or 0.0, 4),

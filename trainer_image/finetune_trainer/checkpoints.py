@@ -7,7 +7,6 @@ marked checkpoints, so a run killed mid-save never resumes from half a checkpoin
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import shutil
@@ -119,11 +118,3 @@ class CheckpointStore:
         """The latest eval loss logged at or before `step`."""
         losses = [h["eval_loss"] for h in log_history if "eval_loss" in h and h["step"] <= step]
         return losses[-1] if losses else None
-
-
-def read_marker(path: Path) -> CheckpointInfo | None:
-    """The marker of a local checkpoint directory, or None if it is incomplete."""
-    marker = path / MARKER
-    return (
-        CheckpointInfo.model_validate(json.loads(marker.read_text())) if marker.exists() else None
-    )

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from finetune_trainer.config import RunConfig
-
-log = logging.getLogger(__name__)
 
 Precision = Literal["bf16", "fp16", "fp32"]
 

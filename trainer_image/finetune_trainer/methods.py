@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any
 
 from finetune_trainer.config import ALL_LINEAR, RunConfig
-
-log = logging.getLogger(__name__)
 
 
 class MethodError(Exception):

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
 from finetune_trainer.config import RunConfig
-
-log = logging.getLogger(__name__)
 
 
 def save_adapter(model: Any, tokenizer: Any, out: Path) -> Path:

@@ -109,10 +109,14 @@ def use_liger(run: RunConfig, device: str) -> bool:
 
 
 def _training_args(
-    run: RunConfig, hp: hyper.Resolved, batch_size: int, out_dir: Path, has_eval: bool
+    run: RunConfig,
+    hp: hyper.Resolved,
+    batch_size: int,
+    out_dir: Path,
+    has_eval: bool,
+    device: str,
 ) -> dict[str, Any]:
     t = run.training
-    device = _device()
     eval_strategy = "no"
     eval_steps = None
     if has_eval:
@@ -316,7 +320,7 @@ def execute(run: RunConfig, ctx: RunContext) -> Summary:
 
     store = CheckpointStore(run.output.uri, out)
     callback = RunCallback(tracker, store, out / "history.jsonl", ctx.preemption)
-    args = _training_args(run, hp, batch_size, store.local_dir, prepared.eval is not None)
+    args = _training_args(run, hp, batch_size, store.local_dir, prepared.eval is not None, device)
     trainer = _build_trainer(run, model, tokenizer, prepared, args, [callback])
     trainer.remove_callback(PrinterCallback)  # RunCallback logs each step once, as text
 

@@ -7,13 +7,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from finetune_trainer.progress import (
-    MAX_REPORTED_CHECKPOINTS,
-    CheckpointInfo,
-    Phase,
-    Progress,
-    utcnow,
-)
+from finetune_trainer.progress import Phase, Progress, utcnow
 
 Listener = Callable[[Progress], None]
 
@@ -46,7 +40,3 @@ class ProgressTracker:
     def phase(self, phase: Phase, message: str | None = None) -> None:
         """Enter a new phase of the run."""
         self.update(phase=phase, message=message)
-
-    def set_checkpoints(self, checkpoints: list[CheckpointInfo]) -> None:
-        """Publish the complete checkpoints (newest last, bounded)."""
-        self.update(checkpoints=checkpoints[-MAX_REPORTED_CHECKPOINTS:])
