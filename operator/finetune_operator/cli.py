@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, TypeVar
 
 import typer
+from kubernetes_asyncio.config import ConfigException
 from rich.console import Console, Group
 from rich.live import Live
 from rich.progress_bar import ProgressBar
@@ -21,7 +22,8 @@ from rich.table import Table
 from rich.text import Text
 
 from finetune_operator.api import FineTuneJobStatus
-from finetune_operator.kube import ApiError, Kube, core_path, custom_path, login
+from finetune_operator.builders import CONTAINER_NAME
+from finetune_operator.kube import ApiException, Kube, api_message, connect, default_namespace
 from finetune_operator.status import TERMINAL_PHASES, parse_status
 
 T = TypeVar("T")
@@ -45,17 +47,19 @@ def sparkline(values: list[float], width: int = 40) -> str:
 
 def _run(fn: Callable[[Kube, str], Awaitable[T]], namespace: str | None) -> T:
     async def main() -> T:
-        info = login()
-        kube = Kube(info)
+        kube = await connect()
         try:
-            return await fn(kube, namespace or info.default_namespace or "default")
+            return await fn(kube, namespace or default_namespace())
         finally:
             await kube.close()
 
     try:
         return asyncio.run(main())
-    except ApiError as exc:
-        console.print(f"[red]error:[/] {exc}")
+    except ApiException as exc:
+        console.print(f"[red]error:[/] {api_message(exc)}")
+        raise typer.Exit(1) from None
+    except ConfigException as exc:
+        console.print(f"[red]error:[/] no usable Kubernetes credentials: {exc}")
         raise typer.Exit(1) from None
 
 
@@ -126,7 +130,10 @@ def status_cmd(
     """Show a FineTuneJob's phase, progress, loss, checkpoints and result."""
 
     async def fetch(kube: Kube, ns: str) -> FineTuneJobStatus:
-        obj = await kube.get(custom_path(ns, name))
+        obj = await kube.get_finetunejob(ns, name)
+        if obj is None:
+            console.print(f"[red]finetunejob {name} not found in namespace {ns}[/]")
+            raise typer.Exit(1)
         return parse_status(obj.get("status"))
 
     losses: list[float] = []
@@ -159,8 +166,7 @@ def list_cmd(
     """List FineTuneJobs with phase, progress, loss and ETA."""
 
     async def fetch(kube: Kube, ns: str) -> list[dict[str, Any]]:
-        listing = await kube.get(custom_path(None if all_namespaces else ns))
-        return list(listing.get("items") or [])
+        return await kube.list_finetunejobs(None if all_namespaces else ns)
 
     items = _run(fetch, namespace)
     table = Table("NAMESPACE", "NAME", "PHASE", "PROGRESS", "LOSS", "ETA", "AGE")
@@ -188,7 +194,10 @@ def logs_cmd(
     """Print the trainer's log (the latest attempt's pod)."""
 
     async def fetch(kube: Kube, ns: str) -> None:
-        obj = await kube.get(custom_path(ns, name))
+        obj = await kube.get_finetunejob(ns, name)
+        if obj is None:
+            console.print(f"[red]finetunejob {name} not found in namespace {ns}[/]")
+            raise typer.Exit(1)
         pod = parse_status(obj.get("status")).pod_name
         if pod is None:
             pods = await kube.job_pods(ns, name)
@@ -196,13 +205,11 @@ def logs_cmd(
         if pod is None:
             console.print(f"{name} has no trainer pod yet")
             raise typer.Exit(1)
-        params = {"container": "trainer"}
-        path = core_path(ns, "pods", pod, "log")
         if follow:
-            async for line in kube.stream_lines(path, {**params, "follow": "true"}):
+            async for line in kube.follow_pod_log(ns, pod, CONTAINER_NAME):
                 print(line, flush=True)
         else:
-            print(await kube.text(path, params), end="")
+            print(await kube.pod_log(ns, pod, CONTAINER_NAME), end="")
 
     _run(fetch, namespace)
 
@@ -217,7 +224,7 @@ def cancel_cmd(
     """
 
     async def delete(kube: Kube, ns: str) -> bool:
-        return await kube.delete(custom_path(ns, name)) is not None
+        return await kube.delete_finetunejob(ns, name)
 
     if _run(delete, namespace):
         console.print(f"finetunejob {name} cancelled (deleted)")

@@ -1,20 +1,25 @@
-"""A small async Kubernetes REST client (aiohttp) on kopf's credentials.
+"""The few Kubernetes API calls the operator and the `finetune` cluster commands make themselves.
 
-The operator and the `finetune` cluster commands use it for the few calls they make on their
-own (children, status, pods, the trainer's /progress); kopf keeps its own client for watching.
-Credentials come from kopf's login functions, so the same kubeconfig / service account works.
+A thin layer over `kubernetes_asyncio`'s typed APIs (kopf keeps its own client for watching):
+it loads credentials the same way kopf does (the pod's service account, else KUBECONFIG or
+~/.kube/config) and returns plain camelCase dicts, so builders and `derive_status` never see
+client model classes. Errors are `kubernetes_asyncio`'s `ApiException` (`.status`, `.reason`).
+The trainer's /progress is fetched with a separate plain HTTP session that carries no API
+credentials.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
-import kopf
 from finetune_trainer.progress import PROGRESS_PATH, Progress
+from kubernetes_asyncio import client, config
+from kubernetes_asyncio.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from finetune_operator.api import GROUP, PLURAL, VERSION
@@ -24,170 +29,198 @@ Obj = dict[str, Any]
 log = logging.getLogger(__name__)
 
 MERGE_PATCH = "application/merge-patch+json"
-REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=30)
 PROGRESS_TIMEOUT = aiohttp.ClientTimeout(total=3)
+REQUEST_TIMEOUT_SECONDS = 30
+
+__all__ = ["ApiException", "Kube", "connect", "fetch_progress", "progress_url"]
 
 
-class ApiError(Exception):
-    """A failed API call, with the HTTP status and the server's Status reason/message."""
-
-    def __init__(self, status: int, reason: str, message: str) -> None:
-        super().__init__(f"{status} {reason}: {message}")
-        self.status = status
-        self.reason = reason
-        self.message = message
-
-
-def login(settings: Any = None) -> Any:
-    """Credentials: the pod's service account, else the kubeconfig (KUBECONFIG or ~/.kube)."""
-    settings = settings or kopf.OperatorSettings()
-    info = kopf.login_with_service_account(settings=settings) or kopf.login_with_kubeconfig(
-        settings=settings
-    )
-    if info is None:
-        raise kopf.LoginError("no Kubernetes credentials: no service account and no kubeconfig")
-    return info
+def api_message(exc: ApiException) -> str:
+    """The API server's Status message of a failed call (its reason when there is none)."""
+    try:
+        body = json.loads(exc.body or "")
+    except (TypeError, ValueError):
+        body = None
+    if isinstance(body, dict) and body.get("message"):
+        return f"{exc.status} {body.get('reason') or exc.reason}: {body['message']}"
+    return f"{exc.status} {exc.reason}"
 
 
-def custom_path(namespace: str | None, name: str | None = None, sub: str | None = None) -> str:
-    """URL path of FineTuneJobs (all namespaces when namespace is None)."""
-    path = f"/apis/{GROUP}/{VERSION}"
-    path += f"/namespaces/{namespace}/{PLURAL}" if namespace else f"/{PLURAL}"
-    if name:
-        path += f"/{name}"
-    if sub:
-        path += f"/{sub}"
-    return path
+async def connect() -> Kube:
+    """A Kube on the pod's service account in a cluster, else on KUBECONFIG / ~/.kube/config."""
+    configuration = client.Configuration()
+    if os.environ.get("KUBERNETES_SERVICE_HOST"):
+        # refreshes the projected service-account token as it rotates
+        config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+    else:
+        path = os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
+        await config.load_kube_config(
+            config_file=path, client_configuration=configuration, persist_config=False
+        )
+    return Kube(client.ApiClient(configuration))
 
 
-def core_path(namespace: str, plural: str, name: str | None = None, sub: str | None = None) -> str:
-    """URL path of a namespaced core/v1 resource."""
-    path = f"/api/v1/namespaces/{namespace}/{plural}"
-    if name:
-        path += f"/{name}"
-    if sub:
-        path += f"/{sub}"
-    return path
-
-
-def jobs_path(namespace: str, name: str | None = None) -> str:
-    """URL path of batch/v1 Jobs."""
-    path = f"/apis/batch/v1/namespaces/{namespace}/jobs"
-    return f"{path}/{name}" if name else path
-
-
-def path_for(manifest: Obj, name: str | None = None) -> str:
-    """The collection (or, with name, the object) path of a manifest's kind."""
-    namespace = manifest["metadata"]["namespace"]
-    match manifest["kind"]:
-        case "ConfigMap":
-            return core_path(namespace, "configmaps", name)
-        case "Job":
-            return jobs_path(namespace, name)
-        case kind:
-            raise ValueError(f"unsupported kind {kind}")
+def default_namespace() -> str:
+    """The namespace of the service account, else of the kubeconfig's current context."""
+    sa_namespace = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+    if os.environ.get("KUBERNETES_SERVICE_HOST") and os.path.exists(sa_namespace):
+        with open(sa_namespace) as fh:
+            return fh.read().strip() or "default"
+    path = os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
+    try:
+        _, current = config.list_kube_config_contexts(config_file=path)
+    except (config.ConfigException, OSError):
+        return "default"
+    return str((current or {}).get("context", {}).get("namespace") or "default")
 
 
 class Kube:
-    """Async REST calls against the API server described by kopf's ConnectionInfo."""
+    """Typed API groups over one `ApiClient`; every result is a plain dict."""
 
-    def __init__(self, info: Any) -> None:
-        self.info = info
-        self.server = str(info.server).rstrip("/")
-        self._session: aiohttp.ClientSession | None = None
-
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(ssl=self.info.as_ssl_context()),
-                headers=self.info.as_http_headers(),
-                timeout=REQUEST_TIMEOUT,
-            )
-        return self._session
+    def __init__(self, api: client.ApiClient) -> None:
+        self.api = api
+        self.custom = client.CustomObjectsApi(api)
+        self.core = client.CoreV1Api(api)
+        self.batch = client.BatchV1Api(api)
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self.api.close()
 
-    async def request(
-        self,
-        method: str,
-        path: str,
-        body: Any = None,
-        params: dict[str, str] | None = None,
-        content_type: str = "application/json",
-    ) -> Obj:
-        data = None if body is None else json.dumps(body)
-        headers = {"Content-Type": content_type} if body is not None else {}
-        async with self.session.request(
-            method, self.server + path, data=data, params=params, headers=headers
-        ) as resp:
-            text = await resp.text()
-            if resp.status >= 400:
-                try:
-                    err = json.loads(text)
-                    raise ApiError(resp.status, str(err.get("reason")), str(err.get("message")))
-                except (ValueError, AttributeError):
-                    raise ApiError(resp.status, resp.reason or "", text[:500]) from None
-            try:
-                result = json.loads(text) if text else {}
-            except ValueError:
-                return {"text": text}
-            return result if isinstance(result, dict) else {"items": result}
+    def _plain(self, obj: Any) -> Obj:
+        return dict(self.api.sanitize_for_serialization(obj))
 
-    async def get(self, path: str, params: dict[str, str] | None = None) -> Obj:
-        return await self.request("GET", path, params=params)
-
-    async def get_or_none(self, path: str) -> Obj | None:
+    # ---- FineTuneJobs ----------------------------------------------------------------------
+    async def get_finetunejob(self, namespace: str, name: str) -> Obj | None:
         try:
-            return await self.get(path)
-        except ApiError as exc:
+            return dict(
+                await self.custom.get_namespaced_custom_object(
+                    GROUP,
+                    VERSION,
+                    namespace,
+                    PLURAL,
+                    name,
+                    _request_timeout=REQUEST_TIMEOUT_SECONDS,
+                )
+            )
+        except ApiException as exc:
             if exc.status == 404:
                 return None
             raise
 
-    async def create(self, path: str, body: Obj) -> Obj:
-        return await self.request("POST", path, body)
+    async def list_finetunejobs(self, namespace: str | None) -> list[Obj]:
+        """FineTuneJobs of a namespace, or of all namespaces when namespace is None."""
+        if namespace is None:
+            listing = await self.custom.list_cluster_custom_object(GROUP, VERSION, PLURAL)
+        else:
+            listing = await self.custom.list_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURAL
+            )
+        return list(listing.get("items") or [])
 
-    async def patch(self, path: str, body: Obj) -> Obj:
-        return await self.request("PATCH", path, body, content_type=MERGE_PATCH)
+    async def patch_finetunejob_status(self, namespace: str, name: str, status: Obj) -> Obj:
+        """Merge-patch the status subresource; returns the updated object."""
+        return dict(
+            await self.custom.patch_namespaced_custom_object_status(
+                GROUP,
+                VERSION,
+                namespace,
+                PLURAL,
+                name,
+                {"status": status},
+                # accepted at run time, missing from the stub; the default would be JSON Patch
+                _content_type=MERGE_PATCH,  # type: ignore[call-arg]
+                _request_timeout=REQUEST_TIMEOUT_SECONDS,
+            )
+        )
 
-    async def delete(self, path: str) -> Obj | None:
+    async def delete_finetunejob(self, namespace: str, name: str) -> bool:
+        """Delete (children go by garbage collection); False when it did not exist."""
         try:
-            return await self.request("DELETE", path, {"propagationPolicy": "Background"})
-        except ApiError as exc:
+            await self.custom.delete_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURAL, name, propagation_policy="Background"
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
+
+    # ---- children ---------------------------------------------------------------------------
+    async def create_child(self, manifest: Obj) -> Obj:
+        """Create a ConfigMap or a Job from its manifest."""
+        namespace = manifest["metadata"]["namespace"]
+        body: Any = manifest  # the client serialises plain dicts as they are
+        made: Any
+        match manifest["kind"]:
+            case "ConfigMap":
+                made = await self.core.create_namespaced_config_map(
+                    namespace, body, _request_timeout=REQUEST_TIMEOUT_SECONDS
+                )
+            case "Job":
+                made = await self.batch.create_namespaced_job(
+                    namespace, body, _request_timeout=REQUEST_TIMEOUT_SECONDS
+                )
+            case kind:
+                raise ValueError(f"unsupported kind {kind}")
+        return self._plain(made)
+
+    async def read_child(self, kind: str, namespace: str, name: str) -> Obj | None:
+        """A ConfigMap or Job by name; None when it does not exist."""
+        found: Any
+        try:
+            match kind:
+                case "ConfigMap":
+                    found = await self.core.read_namespaced_config_map(name, namespace)
+                case "Job":
+                    found = await self.batch.read_namespaced_job(name, namespace)
+                case _:
+                    raise ValueError(f"unsupported kind {kind}")
+        except ApiException as exc:
             if exc.status == 404:
                 return None
             raise
+        return self._plain(found)
 
-    async def text(self, path: str, params: dict[str, str] | None = None) -> str:
-        async with self.session.get(self.server + path, params=params) as resp:
-            body = await resp.text()
-            if resp.status >= 400:
-                raise ApiError(resp.status, resp.reason or "", body[:500])
-            return body
+    async def patch_job(self, namespace: str, name: str, patch: Obj) -> Obj:
+        """Merge-patch a Job (e.g. spec.suspend)."""
+        return self._plain(
+            await self.batch.patch_namespaced_job(
+                name,
+                namespace,
+                patch,
+                _content_type=MERGE_PATCH,  # type: ignore[call-arg]  # see patch_finetunejob_status
+            )
+        )
 
-    async def stream_lines(self, path: str, params: dict[str, str]) -> AsyncIterator[str]:
-        timeout = aiohttp.ClientTimeout(total=None, sock_read=None)
-        async with self.session.get(self.server + path, params=params, timeout=timeout) as resp:
+    # ---- pods -------------------------------------------------------------------------------
+    async def job_pods(self, namespace: str, name: str) -> list[Obj]:
+        """The trainer pods of FineTuneJob `name`."""
+        listing = await self.core.list_namespaced_pod(
+            namespace, label_selector=f"{JOB_LABEL}={name}"
+        )
+        pods = [self._plain(pod) for pod in listing.items or []]
+        return [
+            p for p in pods if (p.get("metadata", {}).get("labels") or {}).get(JOB_LABEL) == name
+        ]
+
+    async def pod_log(self, namespace: str, pod: str, container: str) -> str:
+        return str(await self.core.read_namespaced_pod_log(pod, namespace, container=container))
+
+    async def follow_pod_log(self, namespace: str, pod: str, container: str) -> AsyncIterator[str]:
+        """Stream a pod's log lines as they are written."""
+        resp = cast(
+            aiohttp.ClientResponse,
+            await self.core.read_namespaced_pod_log(
+                pod, namespace, container=container, follow=True, _preload_content=False
+            ),
+        )
+        try:
             if resp.status >= 400:
-                raise ApiError(resp.status, resp.reason or "", (await resp.text())[:500])
+                raise ApiException(status=resp.status, reason=resp.reason)
             async for line in resp.content:
                 yield line.decode(errors="replace").rstrip("\n")
-
-    # ---- FineTuneJob-specific helpers ----------------------------------------------------
-    async def job_pods(self, namespace: str, name: str) -> list[Obj]:
-        """The trainer pods of FineTuneJob `name` (label-filtered here too, to be safe)."""
-        listing = await self.get(
-            core_path(namespace, "pods"), params={"labelSelector": f"{JOB_LABEL}={name}"}
-        )
-        return [
-            p
-            for p in listing.get("items") or []
-            if (p.get("metadata", {}).get("labels") or {}).get(JOB_LABEL) == name
-        ]
+        finally:
+            resp.release()
 
 
 def progress_url(pod: Obj) -> str | None:

@@ -7,18 +7,24 @@
 Handlers:
 - create/resume: validate the spec and the platform policy. Invalid -> phase Failed, condition
   Failed/InvalidSpec naming the field, a Warning event, `kopf.PermanentError` (no retries).
-- a daemon per valid FineTuneJob (the only writer of its status): ensures the ConfigMap and the
-  Job exist (idempotent, owner-checked), then every FINETUNE_POLL_INTERVAL_SECONDS observes the
-  Job, its pods and the trainer's /progress, derives the status and patches only what changed;
-  once finished, waits out `ttlSecondsAfterFinished` and deletes the FineTuneJob.
+- indexes of the Jobs and pods labelled `finetune.dev/job` (kopf keeps them from its watch
+  streams, server-side filtered by that label), and an event handler that wakes the owning
+  FineTuneJob's daemon whenever one of them changes.
+- a daemon per valid FineTuneJob (the only writer of its status): creates the ConfigMap and the
+  Job once (idempotent, owner-checked), then on every wake-up derives the status from the
+  indexes and, while a trainer pod runs, its /progress (every FINETUNE_POLL_INTERVAL_SECONDS),
+  and patches only what changed. No API reads per pass. Once finished, it waits out
+  `ttlSecondsAfterFinished` and deletes the FineTuneJob.
 - spec.suspend changes: suspend / resume the Job.
 """
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import logging
 import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -28,15 +34,8 @@ import kopf
 
 from finetune_operator import metrics
 from finetune_operator.api import GROUP, PLURAL, VERSION, ConfigError, FineTuneJobSpec, parse_spec
-from finetune_operator.builders import build_configmap, build_job, job_name
-from finetune_operator.kube import (
-    ApiError,
-    Kube,
-    custom_path,
-    fetch_progress,
-    jobs_path,
-    path_for,
-)
+from finetune_operator.builders import JOB_LABEL, build_configmap, build_job, job_name
+from finetune_operator.kube import ApiException, Kube, api_message, connect, fetch_progress
 from finetune_operator.policy import Policy, check_policy
 from finetune_operator.status import (
     TERMINAL_PHASES,
@@ -51,10 +50,15 @@ from finetune_operator.status import (
 )
 
 Obj = dict[str, Any]
+Key = tuple[str, str]  # (namespace, FineTuneJob name)
 log = logging.getLogger("finetune_operator")
 
 FINALIZER = f"{GROUP}/finalizer"
 RESOURCE = (GROUP, VERSION, PLURAL)
+JOBS = ("batch", "v1", "jobs")
+PODS = ("v1", "pods")
+OWNED = {JOB_LABEL: kopf.PRESENT}
+RESYNC_SECONDS = 60.0  # re-derive without a wake-up this often (no trainer pod to poll)
 
 
 @dataclass
@@ -64,6 +68,7 @@ class State:
     policy: Policy = field(default_factory=Policy)
     kube: Kube | None = None
     http: aiohttp.ClientSession | None = None  # for /progress: never carries API credentials
+    wakeups: dict[Key, asyncio.Event] = field(default_factory=dict)
 
 
 STATE = State()
@@ -79,7 +84,7 @@ def now_utc() -> datetime:
 
 def kube() -> Kube:
     if STATE.kube is None:
-        raise kopf.TemporaryError("the operator is not logged in yet", delay=5)
+        raise kopf.TemporaryError("the operator is not connected yet", delay=5)
     return STATE.kube
 
 
@@ -87,7 +92,8 @@ def kube() -> Kube:
 # start-up: every setting in one place
 # --------------------------------------------------------------------------------------------
 def configure(settings: kopf.OperatorSettings) -> None:
-    """Kopf settings: bookkeeping in finetune.dev annotations, never in the public status."""
+    """Kopf settings: bookkeeping in finetune.dev annotations, never in the public status;
+    Jobs and pods watched only when labelled as ours (server-side selector)."""
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=GROUP, key="last-handled-configuration"
@@ -96,6 +102,8 @@ def configure(settings: kopf.OperatorSettings) -> None:
     settings.posting.level = logging.INFO
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
+    settings.watching.label_selectors[JOBS] = JOB_LABEL
+    settings.watching.label_selectors[PODS] = JOB_LABEL
     settings.networking.request_timeout = 60
 
 
@@ -105,24 +113,23 @@ async def startup(**kwargs: Any) -> None:
     logger = kwargs["logger"]
     configure(settings)
     STATE.policy = Policy.from_env()
-    STATE.kube = Kube(_login(settings))
+    STATE.kube = await connect()
     STATE.http = aiohttp.ClientSession()
+    STATE.wakeups.clear()
     metrics.start()
     logger.info("policy: %s", STATE.policy.model_dump_json())
 
 
-def _login(settings: kopf.OperatorSettings) -> Any:
+@kopf.on.login()
+def login(**kwargs: Any) -> Any:
+    """Kopf's credentials: the pod's service account, else the kubeconfig."""
+    settings = kwargs["settings"]
     info = kopf.login_with_service_account(settings=settings) or kopf.login_with_kubeconfig(
         settings=settings
     )
     if info is None:
         raise kopf.LoginError("no Kubernetes credentials (no service account, no kubeconfig)")
     return info
-
-
-@kopf.on.login()
-def login(**kwargs: Any) -> Any:
-    return _login(kwargs["settings"])
 
 
 @kopf.on.cleanup()
@@ -133,6 +140,39 @@ async def cleanup(**_: Any) -> None:
     if STATE.http is not None:
         await STATE.http.close()
         STATE.http = None
+
+
+# --------------------------------------------------------------------------------------------
+# what the watch streams tell us about our Jobs and pods
+# --------------------------------------------------------------------------------------------
+def _owner_key(namespace: str | None, labels: Mapping[str, str]) -> Key:
+    return (namespace or "", labels[JOB_LABEL])
+
+
+@kopf.index(*JOBS, labels=OWNED)
+def finetune_jobs(**kwargs: Any) -> dict[Key, Obj]:
+    """Our batch/v1 Jobs by (namespace, FineTuneJob name)."""
+    return {_owner_key(kwargs["namespace"], kwargs["labels"]): dict(kwargs["body"])}
+
+
+@kopf.index(*PODS, labels=OWNED)
+def finetune_pods(**kwargs: Any) -> dict[Key, Obj]:
+    """Our trainer pods by (namespace, FineTuneJob name)."""
+    return {_owner_key(kwargs["namespace"], kwargs["labels"]): dict(kwargs["body"])}
+
+
+@kopf.on.event(*JOBS, labels=OWNED)
+@kopf.on.event(*PODS, labels=OWNED)
+def wake(**kwargs: Any) -> None:
+    """A Job or pod of ours changed: let its FineTuneJob's daemon re-derive the status now."""
+    event = STATE.wakeups.get(_owner_key(kwargs["namespace"], kwargs["labels"]))
+    if event is not None:
+        event.set()
+
+
+def _indexed(index: Any, key: Key) -> list[Obj]:
+    store: Iterable[Obj] = index.get(key, []) if index is not None else []
+    return list(store)
 
 
 # --------------------------------------------------------------------------------------------
@@ -150,12 +190,13 @@ def validate(
     return (None, errors) if errors else (spec, [])
 
 
-async def _write_status(namespace: str, name: str, old: Obj, new: Any) -> bool:
+async def _write_status(namespace: str, name: str, old: Obj, new: Any) -> Obj | None:
+    """Patch only the changed status fields; the patched status, or None when unchanged."""
     patch = status_patch(old, new)
     if not patch:
-        return False
-    await kube().patch(custom_path(namespace, name, "status"), {"status": patch})
-    return True
+        return None
+    updated = await kube().patch_finetunejob_status(namespace, name, patch)
+    return dict(updated.get("status") or {})
 
 
 async def _fail(body: kopf.Body, reason: str, errors: list[str], generation: int | None) -> None:
@@ -196,18 +237,18 @@ def _owned_by(obj: Obj, uid: str | None) -> bool:
 
 async def ensure(manifest: Obj, owner_uid: str | None) -> tuple[Obj, bool]:
     """Create a child; if it exists, use it when we own it. (object, created?)."""
-    name = manifest["metadata"]["name"]
+    kind, meta = manifest["kind"], manifest["metadata"]
     try:
-        return await kube().create(path_for(manifest), manifest), True
-    except ApiError as exc:
+        return await kube().create_child(manifest), True
+    except ApiException as exc:
         if exc.status != 409:
             raise
-    existing = await kube().get_or_none(path_for(manifest, name))
+    existing = await kube().read_child(kind, meta["namespace"], meta["name"])
     if existing is None:  # deleted in between: try again next time
-        raise kopf.TemporaryError(f"{manifest['kind']} {name} vanished while creating", delay=2)
+        raise kopf.TemporaryError(f"{kind} {meta['name']} vanished while creating", delay=2)
     if not _owned_by(existing, owner_uid):
         raise NameConflictError(
-            f"a {manifest['kind']} named {name} already exists and is not owned by this "
+            f"a {kind} named {meta['name']} already exists and is not owned by this "
             "FineTuneJob; rename the FineTuneJob or delete that object"
         )
     return existing, False
@@ -226,19 +267,26 @@ async def ensure_children(body: kopf.Body, spec: FineTuneJobSpec) -> tuple[Obj, 
 
 @kopf.on.field(*RESOURCE, field="spec.suspend")
 async def suspend_changed(**kwargs: Any) -> None:
-    """Suspend or resume the Job when spec.suspend changes (not at creation)."""
+    """Suspend or resume the Job when spec.suspend changes (not at creation).
+
+    With spec.queueName, Kueue owns admission: resuming only clears our request, and Kueue
+    unsuspends the Job when its queue admits it.
+    """
     old, new, body = kwargs["old"], kwargs["new"], kwargs["body"]
     namespace: str = kwargs["namespace"]
     name: str = kwargs["name"]
     logger = kwargs["logger"]
     if old is None and not new:
         return
-    job = await kube().get_or_none(jobs_path(namespace, job_name(name)))
-    if job is None:
+    jobs = _indexed(kwargs.get("finetune_jobs"), (namespace, name))
+    if not jobs:
         return
-    if bool(job.get("spec", {}).get("suspend")) == bool(new):
+    if bool(jobs[0].get("spec", {}).get("suspend")) == bool(new):
         return
-    await kube().patch(jobs_path(namespace, job_name(name)), {"spec": {"suspend": bool(new)}})
+    if not new and (body.get("spec") or {}).get("queueName"):
+        kopf.info(body, reason="Resuming", message="resume requested; Kueue admits the Job")
+        return
+    await kube().patch_job(namespace, job_name(name), {"spec": {"suspend": bool(new)}})
     kopf.info(
         body,
         reason="Suspending" if new else "Resuming",
@@ -252,46 +300,61 @@ async def suspend_changed(**kwargs: Any) -> None:
 # --------------------------------------------------------------------------------------------
 # observation: one daemon per FineTuneJob
 # --------------------------------------------------------------------------------------------
-async def observe_once(
-    body: kopf.Body, spec: FineTuneJobSpec, *, create: bool
-) -> tuple[Obj | None, Any]:
-    """One reconcile pass: (the current FineTuneJob, its new status) or (None, None) if gone."""
-    meta = body["metadata"]
-    namespace, name = meta["namespace"], meta["name"]
-    current = await kube().get_or_none(custom_path(namespace, name))
-    if current is None or current.get("metadata", {}).get("deletionTimestamp"):
-        return None, None
-    old_raw = dict(current.get("status") or {})
-    fresh, _ = validate(dict(current.get("spec") or {}), namespace, STATE.policy)
-    spec = fresh or spec  # spec.suspend may change; the training part is immutable
-    previous = parse_status(old_raw)
-    generation = current.get("metadata", {}).get("generation")
-    job = await kube().get_or_none(jobs_path(namespace, job_name(name)))
-    if job is None and create and previous.phase not in TERMINAL_PHASES:
-        job, created = await ensure_children(body, spec)
-        if created:
-            kopf.info(body, reason="JobCreated", message=f"created Job {job_name(name)}")
-            started = _created_at(current)
-            if started is not None:
-                metrics.JOB_CREATE_LATENCY.observe(max(0.0, (now_utc() - started).total_seconds()))
-    pods = await kube().job_pods(namespace, name) if job is not None else []
-    progress = None
-    running = [
-        p
-        for p in sort_pods(pods)
-        if p.get("status", {}).get("phase") == "Running" and terminated_state(p) is None
-    ]
-    if running and STATE.http is not None:
-        progress = await fetch_progress(STATE.http, running[-1])
-    summary = latest_summary(pods)
-    new = derive_status(spec, job, pods, progress, summary, previous, now_utc(), generation)
-    if await _write_status(namespace, name, old_raw, new):
-        _announce(body, previous, new)
-    metrics.observe(namespace, name, new)
-    return current, new
+@dataclass
+class Observer:
+    """What one FineTuneJob's daemon knows between passes."""
+
+    body: kopf.Body
+    spec: FineTuneJobSpec
+    status: Obj  # the status as last read or written
+    created_job: Obj | None = None  # the Job we created, until the index has it
+
+    @property
+    def key(self) -> Key:
+        meta = self.body["metadata"]
+        return (meta["namespace"], meta["name"])
+
+    async def step(self, jobs: list[Obj], pods: list[Obj]) -> tuple[Any, bool]:
+        """One pass: create the children if needed, derive and patch the status.
+
+        Returns (the new status, whether a trainer pod is running).
+        """
+        namespace, name = self.key
+        fresh, _ = validate(dict(self.body.get("spec") or {}), namespace, STATE.policy)
+        spec = fresh or self.spec  # spec.suspend may change; the training part is immutable
+        previous = parse_status(self.status)
+        generation = self.body["metadata"].get("generation")
+        job = jobs[0] if jobs else self.created_job
+        if jobs:
+            self.created_job = None
+        if job is None and previous.phase not in TERMINAL_PHASES:
+            job, created = await ensure_children(self.body, spec)
+            self.created_job = job
+            if created:
+                kopf.info(self.body, reason="JobCreated", message=f"created Job {job_name(name)}")
+                started = _created_at(self.body)
+                if started is not None:
+                    latency = max(0.0, (datetime.now(UTC) - started).total_seconds())
+                    metrics.JOB_CREATE_LATENCY.observe(latency)
+        running = [
+            p
+            for p in sort_pods(pods)
+            if p.get("status", {}).get("phase") == "Running" and terminated_state(p) is None
+        ]
+        progress = None
+        if running and STATE.http is not None:
+            progress = await fetch_progress(STATE.http, running[-1])
+        summary = latest_summary(pods)
+        new = derive_status(spec, job, pods, progress, summary, previous, now_utc(), generation)
+        written = await _write_status(namespace, name, self.status, new)
+        if written is not None:
+            self.status = written
+            _announce(self.body, previous, new)
+        metrics.observe(namespace, name, new)
+        return new, bool(running)
 
 
-def _created_at(obj: Obj) -> datetime | None:
+def _created_at(obj: Mapping[str, Any]) -> datetime | None:
     stamp = obj.get("metadata", {}).get("creationTimestamp")
     if not stamp:
         return None
@@ -319,6 +382,16 @@ def _announce(body: kopf.Body, previous: Any, new: Any) -> None:
         kopf.info(body, reason=reason, message=message)
 
 
+async def _nap(wake: asyncio.Event, stopped: kopf.DaemonStopped, seconds: float) -> None:
+    """Sleep until a wake-up, the daemon's stop, or `seconds`, whichever comes first."""
+    waiters = [asyncio.ensure_future(wake.wait()), asyncio.ensure_future(stopped.wait())]
+    try:
+        await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+
+
 @kopf.daemon(*RESOURCE, cancellation_timeout=5.0)
 async def observe(**kwargs: Any) -> None:
     """Create the children, then keep the status true until the run ends (and its TTL)."""
@@ -330,25 +403,40 @@ async def observe(**kwargs: Any) -> None:
     spec, _ = validate(dict(body.get("spec") or {}), namespace, STATE.policy)
     if spec is None:
         return  # the create handler reports InvalidSpec
+    key = (namespace, name)
+    wake = STATE.wakeups.setdefault(key, asyncio.Event())
+    observer = Observer(body=body, spec=spec, status=dict(body.get("status") or {}))
     interval = STATE.policy.poll_interval_seconds
-    while not stopped:
-        try:
-            current, status = await observe_once(body, spec, create=True)
-        except NameConflictError as exc:
-            metrics.RECONCILE_ERRORS.labels(kind="NameConflict").inc()
-            await _fail(body, "NameConflict", [str(exc)], body["metadata"].get("generation"))
-            return
-        except (TimeoutError, ApiError, aiohttp.ClientError, kopf.TemporaryError) as exc:
-            metrics.RECONCILE_ERRORS.labels(kind=type(exc).__name__).inc()
-            logger.warning("reconcile of %s/%s failed, retrying: %s", namespace, name, exc)
-            await stopped.wait(interval)
-            continue
-        if current is None:
-            return
-        if status.phase in TERMINAL_PHASES:
-            await _expire(stopped, body, spec, status, logger)
-            return
-        await stopped.wait(interval)
+    try:
+        while not stopped:
+            wake.clear()
+            jobs = _indexed(kwargs.get("finetune_jobs"), key)
+            pods = _indexed(kwargs.get("finetune_pods"), key)
+            try:
+                status, running = await observer.step(jobs, pods)
+            except NameConflictError as exc:
+                metrics.RECONCILE_ERRORS.labels(kind="NameConflict").inc()
+                await _fail(body, "NameConflict", [str(exc)], body["metadata"].get("generation"))
+                return
+            except ApiException as exc:
+                if exc.status == 404:  # the FineTuneJob is being deleted
+                    return
+                metrics.RECONCILE_ERRORS.labels(kind=f"Api{exc.status}").inc()
+                logger.warning("reconcile of %s/%s failed, retrying: %s", *key, api_message(exc))
+                await stopped.wait(interval)
+                continue
+            except (TimeoutError, aiohttp.ClientError, kopf.TemporaryError) as exc:
+                metrics.RECONCILE_ERRORS.labels(kind=type(exc).__name__).inc()
+                logger.warning("reconcile of %s/%s failed, retrying: %s", *key, exc)
+                await stopped.wait(interval)
+                continue
+            if status.phase in TERMINAL_PHASES:
+                await _expire(stopped, body, spec, status, logger)
+                return
+            await _nap(wake, stopped, interval if running else max(interval, RESYNC_SECONDS))
+    finally:
+        if STATE.wakeups.get(key) is wake:
+            del STATE.wakeups[key]
 
 
 async def _expire(
@@ -370,7 +458,7 @@ async def _expire(
             return
     meta = body["metadata"]
     logger.info("ttlSecondsAfterFinished elapsed: deleting %s/%s", meta["namespace"], meta["name"])
-    await kube().delete(custom_path(meta["namespace"], meta["name"]))
+    await kube().delete_finetunejob(meta["namespace"], meta["name"])
 
 
 @kopf.on.delete(*RESOURCE, optional=True)

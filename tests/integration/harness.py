@@ -31,10 +31,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import kmock
-import kopf
 from finetune_operator.api import API_VERSION, KIND, PLURAL
-from finetune_operator.kube import Kube, core_path, custom_path, jobs_path
 from kopf.testing import KopfRunner
+from rest import Rest, core_path, custom_path, jobs_path
 
 T = TypeVar("T")
 Obj = dict[str, Any]
@@ -97,7 +96,7 @@ class Cluster:
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.emulator: Any = None
         self._server: Any = None
-        self.kube: Kube | None = None
+        self.kube: Rest | None = None
         self.url = ""
         self.kubeconfig = tmp / "kubeconfig"
 
@@ -125,7 +124,7 @@ class Cluster:
         for key, info in RESOURCES.items():
             self.emulator.resources[key] = {"verbs": VERBS, **info}
         self.url = str(self._server.url).rstrip("/")
-        self.kube = Kube(kopf.ConnectionInfo(server=self.url))
+        self.kube = Rest(self.url)
 
     async def _stop(self) -> None:
         if self.kube is not None:
@@ -139,7 +138,7 @@ class Cluster:
 
     # ---- sync REST helpers ---------------------------------------------------------------
     @property
-    def api(self) -> Kube:
+    def api(self) -> Rest:
         assert self.kube is not None
         return self.kube
 
@@ -282,7 +281,7 @@ class Kubelet:
                 run.proc.kill()
 
     @property
-    def api(self) -> Kube:
+    def api(self) -> Rest:
         return self.cluster.api
 
     async def _loop(self) -> None:

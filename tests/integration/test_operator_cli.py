@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 from finetune_operator.cli import register, sparkline
-from finetune_operator.kube import core_path, custom_path
+from rest import core_path, custom_path
 from typer.testing import CliRunner
 
 STATUS = {

@@ -7,8 +7,8 @@ import time
 from typing import Any
 
 import pytest
-from finetune_operator.kube import core_path, custom_path
 from harness import operator_runner
+from rest import core_path, custom_path
 
 SPEC: dict[str, Any] = {
     "model": {"source": "pvc://models/tiny-llama"},
