@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
 import json
 import os
 import resource
@@ -45,7 +44,6 @@ import benchlib  # noqa: E402
 
 BENCH_UA = "ftj-bench/1"
 GROUP_PATH = "/apis/finetune.dev/v1alpha1"
-REQUEST_LOG = 8
 
 SPEC: dict[str, Any] = {
     "model": {"source": "hf://HuggingFaceTB/SmolLM2-135M-Instruct"},
@@ -73,41 +71,18 @@ def _ts(value: str) -> float:
     return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
 
 
-class Counter:
-    """Requests the operator made, by 'VERB resource' (the bench's own are not counted)."""
-
-    def __init__(self) -> None:
-        self.counts: collections.Counter[str] = collections.Counter()
-
-    def snapshot(self) -> dict[str, int]:
-        return dict(self.counts)
-
-
-def start_emulator(tmp: Path, counter: Counter) -> Any:
-    """The integration harness's Cluster, with an emulator that counts requests."""
+def start_emulator(tmp: Path) -> Any:
+    """The integration harness's Cluster; its emulator counts the operator's requests."""
     sys.path.insert(0, str(REPO / "tests" / "integration"))
     import harness
 
-    base = harness.Emulator
-
-    class CountingEmulator(base):  # type: ignore[misc, valid-type]
-        async def _handle(self, request: Any) -> Any:
-            # kmock logs every request and matches each new one against the whole log
-            # (O(requests^2)); keep the recent tail only, or the emulator dominates the figures.
-            # The request being handled was just appended, and matching is synchronous.
-            if len(self._requests) > 2 * REQUEST_LOG:
-                del self._requests[:-REQUEST_LOG]
-            if request.headers.get("User-Agent") != BENCH_UA:
-                res = request.resource
-                what = getattr(res, "plural", None) or str(request.url.path)
-                if request.subresource:
-                    what += "/" + request.subresource
-                action = getattr(request.action, "name", None) or str(request.method)
-                counter.counts[f"{action} {what}"] += 1
-            return await super()._handle(request)
-
-    harness.Emulator = CountingEmulator
+    harness.Emulator.ignored_agents = frozenset({harness.HARNESS_AGENT, BENCH_UA})
     return harness.Cluster(tmp)
+
+
+def snapshot(cluster: Any) -> dict[str, int]:
+    """Requests the operator made so far, by 'VERB resource' (the bench's own not counted)."""
+    return dict(getattr(cluster.emulator, "counts", {}))
 
 
 async def run(args: argparse.Namespace, server: str, kubeconfig: Path | None) -> dict[str, Any]:
@@ -271,9 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result, indent=1))
         return 0
 
-    counter = Counter()
     tmp = Path(tempfile.mkdtemp(prefix="opbench-"))
-    cluster = start_emulator(tmp, counter)
+    cluster = start_emulator(tmp)
     with cluster:
         env = {
             **os.environ,
@@ -303,12 +277,12 @@ def main(argv: list[str] | None = None) -> int:
             warm = argparse.Namespace(**{**vars(args), "n": 1, "rate": 0.0})
             warm_result = asyncio.run(run(warm, cluster.url, cluster.kubeconfig))
             startup = time.monotonic() - ready_started
-            before = counter.snapshot()
+            before = snapshot(cluster)
             stats_before = _proc_stats(proc.pid)
             result = asyncio.run(run(args, cluster.url, cluster.kubeconfig))
-            after = counter.snapshot()
+            after = snapshot(cluster)
             time.sleep(args.quiet_seconds)
-            quiet = counter.snapshot()
+            quiet = snapshot(cluster)
             stats = _proc_stats(proc.pid)
         finally:
             proc.send_signal(signal.SIGINT)

@@ -270,7 +270,9 @@ def arm_ours(ctx: dict[str, Any], overrides: dict[str, Any]) -> tuple[Any, Any]:
         {"input_ids": ctx["data"]["train_ids"], "completion_mask": ctx["data"]["train_masks"]}
     )
     prepared = SimpleNamespace(train=train, eval=None)
-    targs = runner._training_args(run, hp, args.batch, ctx["tmp"] / "ours", has_eval=False)
+    targs = runner._training_args(
+        run, hp, args.batch, ctx["tmp"] / "ours", has_eval=False, device=device
+    )
     timer = step_timer(device)
     trainer = runner._build_trainer(run, model, ctx["tokenizer"], prepared, targs, [timer])
     return trainer, timer

@@ -416,8 +416,10 @@ def derive_status(
             previous.completion_time or _parse_time(job_status.get("completionTime")) or now
         )
         if progress is None and previous.progress is not None:
-            update["progress"] = previous.progress.model_copy(
+            last = previous.progress
+            update["progress"] = last.model_copy(
                 update={
+                    "step": (summary.steps if summary else None) or last.total_steps or last.step,
                     "stage": Phase.SUCCEEDED.value,
                     "percent": 100.0,
                     "eta_seconds": 0,

@@ -11,11 +11,13 @@
   phase, the trainer's terminated state (exit code, termination message) and the Job's status
   back, with podFailurePolicy semantics (65 fails the Job, 75 is ignored and retried),
   backoffLimit, activeDeadlineSeconds and suspend (SIGTERM, pod deleted, Suspended condition).
+  `Kubelet.fates` makes a Job's pods unschedulable, stuck pulling the image, or OOM-killed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 import secrets
 import signal
@@ -28,7 +30,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import kmock
 from finetune_operator.api import API_VERSION, KIND, PLURAL
@@ -61,6 +63,49 @@ RESOURCES: dict[str, dict[str, Any]] = {
 }
 VERBS = ["get", "list", "watch", "create", "update", "patch", "delete"]
 
+# Pod states for Kubelet.fates: what the scheduler / kubelet report when the trainer cannot run.
+POD_FATES: dict[str, dict[str, Any]] = {
+    "unschedulable": {
+        "phase": "Pending",
+        "conditions": [
+            {
+                "type": "PodScheduled",
+                "status": "False",
+                "reason": "Unschedulable",
+                "message": "0/4 nodes are available: 4 Insufficient nvidia.com/gpu.",
+            }
+        ],
+    },
+    "image-pull": {
+        "phase": "Pending",
+        "conditions": [{"type": "PodScheduled", "status": "True"}],
+        "containerStatuses": [
+            {
+                "name": "trainer",
+                "ready": False,
+                "restartCount": 0,
+                "state": {
+                    "waiting": {
+                        "reason": "ImagePullBackOff",
+                        "message": 'Back-off pulling image "registry.invalid/trainer:nope"',
+                    }
+                },
+            }
+        ],
+    },
+    "oom": {
+        "phase": "Failed",
+        "containerStatuses": [
+            {
+                "name": "trainer",
+                "ready": False,
+                "restartCount": 0,
+                "state": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}},
+            }
+        ],
+    },
+}
+
 
 def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
@@ -72,11 +117,34 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class Emulator(kmock.KubernetesEmulator):  # type: ignore[misc]
+HARNESS_AGENT = "finetune-test-harness"
+REQUEST_LOG = 8
+
+
+class Emulator(kmock.KubernetesEmulator):
     """kmock's emulator plus what an API server adds on create: name from generateName,
-    uid, resourceVersion and creationTimestamp (kopf's events use generateName)."""
+    uid, resourceVersion and creationTimestamp (kopf's events use generateName).
+
+    It also counts the requests of everyone but the harness (and `ignored_agents`) as
+    'VERB resource[/subresource]' in `counts`, and keeps only the tail of kmock's request
+    log, which kmock matches each new request against (quadratic in the run's length).
+    """
+
+    ignored_agents: frozenset[str] = frozenset({HARNESS_AGENT})
+
+    def count(self, request: Any) -> None:
+        counts: collections.Counter[str] = self.__dict__.setdefault("counts", collections.Counter())
+        if request.headers.get("User-Agent") in self.ignored_agents:
+            return
+        what = getattr(request.resource, "plural", None) or str(request.url.path)
+        if request.subresource:
+            what += "/" + request.subresource
+        counts[f"{getattr(request.action, 'name', None) or request.method} {what}"] += 1
 
     async def _handle(self, request: Any) -> Any:
+        if len(self._requests) > 2 * REQUEST_LOG:  # the request being handled is the last one
+            del self._requests[:-REQUEST_LOG]
+        self.count(request)
         if request.action == kmock.action.CREATE and isinstance(request.data, dict):
             meta = request.data.setdefault("metadata", {})
             if not meta.get("name") and meta.get("generateName"):
@@ -124,7 +192,7 @@ class Cluster:
         for key, info in RESOURCES.items():
             self.emulator.resources[key] = {"verbs": VERBS, **info}
         self.url = str(self._server.url).rstrip("/")
-        self.kube = Rest(self.url)
+        self.kube = Rest(self.url, user_agent=HARNESS_AGENT)
 
     async def _stop(self) -> None:
         if self.kube is not None:
@@ -145,7 +213,7 @@ class Cluster:
     def get(self, path: str) -> Obj | None:
         return self.call(self.api.get_or_none(path))
 
-    def list(self, path: str) -> list[Obj]:
+    def items(self, path: str) -> list[Obj]:
         return list(self.call(self.api.get(path)).get("items") or [])
 
     def create(self, path: str, body: Obj) -> Obj:
@@ -188,7 +256,7 @@ class Cluster:
     def events(self, name: str, namespace: str = "default") -> list[Obj]:
         return [
             e
-            for e in self.list(core_path(namespace, "events"))
+            for e in self.items(core_path(namespace, "events"))
             if (e.get("involvedObject") or {}).get("name") == name
         ]
 
@@ -222,7 +290,7 @@ class Cluster:
             except Exception as exc:  # a transient read error: try again
                 last = exc
             if last and not isinstance(last, Exception):
-                return last
+                return cast(T, last)
             time.sleep(interval)
         raise AssertionError(f"timed out waiting for {what or check}: last={last!r}")
 
@@ -254,6 +322,7 @@ class Kubelet:
     tmp: Path
     command: list[str] | None = None  # override of the pod's command (e.g. the fake trainer)
     env: dict[str, str] = field(default_factory=dict)  # extra env for the trainer process
+    fates: dict[str, str] = field(default_factory=dict)  # Job name -> a POD_FATES key
     interval: float = 0.1
     runs: dict[tuple[str, str], Run] = field(default_factory=dict)
     pvc_root: Path = field(init=False)
@@ -322,7 +391,7 @@ class Kubelet:
 
     async def _collect_garbage(self) -> None:
         """Delete Jobs, ConfigMaps and pods whose owner is gone (the GC's job)."""
-        owners = set()
+        owners: set[str] = set()
         for kind_path in ("/apis/batch/v1/jobs", "/api/v1/configmaps", "/api/v1/pods"):
             items = (await self.api.get(kind_path)).get("items") or []
             for obj in items:
@@ -397,8 +466,35 @@ class Kubelet:
             run.stopping = True
             run.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
             return
-        if not running:
+        if running:
+            return
+        fate = self.fates.get(run.name)
+        if fate is None:
             await self._start_pod(run, job)
+        elif run.pod is None or fate == "oom":
+            await self._fated_pod(run, job, fate)
+
+    async def _fated_pod(self, run: Run, job: Obj, fate: str) -> None:
+        """A pod that never runs the trainer: stuck Pending, or OOM-killed (counted by the
+        Job controller against backoffLimit)."""
+        pod_name = await self._create_pod(run, job, dict(job["spec"]["template"]["spec"]))
+        await self.api.patch(
+            core_path(run.namespace, "pods", pod_name), {"status": POD_FATES[fate]}
+        )
+        if fate != "oom":
+            return
+        run.failed += 1
+        status: Obj = {"active": 0, "failed": run.failed}
+        if run.failed > int(job["spec"].get("backoffLimit") or 0):
+            run.done = True
+            status["conditions"] = [
+                self._cond(
+                    "Failed",
+                    reason="BackoffLimitExceeded",
+                    message="Job has reached the specified backoff limit",
+                )
+            ]
+        await self._job_status(run, status)
 
     async def _start_pod(self, run: Run, job: Obj) -> None:
         template = job["spec"]["template"]
@@ -410,41 +506,7 @@ class Kubelet:
             for p in container.get("ports") or []
         ]
         pod_spec["containers"] = [container, *pod_spec["containers"][1:]]
-        run.attempt += 1
-        pod_name = f"{run.name}-{secrets.token_hex(3)}"
-        labels = {
-            **(template.get("metadata", {}).get("labels") or {}),
-            "job-name": run.name,
-            "controller-uid": run.uid,
-            "batch.kubernetes.io/job-name": run.name,
-            "batch.kubernetes.io/controller-uid": run.uid,
-        }
-        await self.api.create(
-            core_path(run.namespace, "pods"),
-            {
-                "apiVersion": "v1",
-                "kind": "Pod",
-                "metadata": {
-                    "name": pod_name,
-                    "namespace": run.namespace,
-                    "uid": str(uuid.uuid4()),
-                    "creationTimestamp": now_iso(),
-                    "labels": labels,
-                    "ownerReferences": [
-                        {
-                            "apiVersion": "batch/v1",
-                            "kind": "Job",
-                            "name": run.name,
-                            "uid": run.uid,
-                            "controller": True,
-                        }
-                    ],
-                },
-                "spec": pod_spec,
-                "status": {"phase": "Pending"},
-            },
-        )
-        run.pod = pod_name
+        pod_name = await self._create_pod(run, job, pod_spec)
         if run.started is None:
             run.started = time.monotonic()
             await self._job_status(run, {"startTime": now_iso(), "active": 1})
@@ -482,6 +544,46 @@ class Kubelet:
                 }
             },
         )
+
+    async def _create_pod(self, run: Run, job: Obj, pod_spec: Obj) -> str:
+        """Create the Job's next pod (Pending) as the Job controller would; its name."""
+        template = job["spec"]["template"]
+        run.attempt += 1
+        pod_name = f"{run.name}-{secrets.token_hex(3)}"
+        labels = {
+            **(template.get("metadata", {}).get("labels") or {}),
+            "job-name": run.name,
+            "controller-uid": run.uid,
+            "batch.kubernetes.io/job-name": run.name,
+            "batch.kubernetes.io/controller-uid": run.uid,
+        }
+        await self.api.create(
+            core_path(run.namespace, "pods"),
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {
+                    "name": pod_name,
+                    "namespace": run.namespace,
+                    "uid": str(uuid.uuid4()),
+                    "creationTimestamp": now_iso(),
+                    "labels": labels,
+                    "ownerReferences": [
+                        {
+                            "apiVersion": "batch/v1",
+                            "kind": "Job",
+                            "name": run.name,
+                            "uid": run.uid,
+                            "controller": True,
+                        }
+                    ],
+                },
+                "spec": pod_spec,
+                "status": {"phase": "Pending"},
+            },
+        )
+        run.pod = pod_name
+        return pod_name
 
     async def _env(self, run: Run, container: Obj, work: Path, port: int) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("FINETUNE_")}
@@ -659,6 +761,6 @@ OPERATOR_ARGS = [
 ]
 
 
-def operator_runner() -> KopfRunner:
-    """The real operator (kopf run -m finetune_operator.main) in a thread."""
-    return KopfRunner(OPERATOR_ARGS, timeout=30)
+def operator_runner(*extra: str) -> KopfRunner:
+    """The real operator (kopf run -m finetune_operator.main) in a thread; `extra` CLI flags."""
+    return KopfRunner([*OPERATOR_ARGS[:-2], *extra, *OPERATOR_ARGS[-2:]], timeout=30)

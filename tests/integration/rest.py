@@ -40,9 +40,9 @@ def jobs_path(namespace: str, name: str | None = None) -> str:
 class Rest:
     """get/create/patch/delete by path, returning plain dicts."""
 
-    def __init__(self, server: str) -> None:
-        configuration = client.Configuration(host=server)
-        self.api = client.ApiClient(configuration)
+    def __init__(self, server: str, user_agent: str) -> None:
+        self.api = client.ApiClient(client.Configuration(host=server))
+        self.api.user_agent = user_agent
 
     async def close(self) -> None:
         await self.api.close()

@@ -449,3 +449,14 @@ def test_suspension_reasons(extra: dict[str, Any], reason: str) -> None:
     )
     cond = get_condition(status.conditions, "Suspended")
     assert status.phase == "Suspended" and cond is not None and cond.reason == reason
+
+
+def test_success_completes_the_last_progress() -> None:
+    """The last /progress seen may be a step short; success shows the trainer's final count."""
+    case = next(c for c in CASES if c[0] == "succeeded")
+    running = derive_status(SPEC, job(active=1), [pod()], PROGRESS, None, FineTuneJobStatus(), T0)
+    final = OK.model_copy(update={"steps": 200})
+    done = derive_status(SPEC, case[1], case[2], None, final, running, T1, 1)
+    assert done.progress is not None
+    assert (done.progress.step, done.progress.percent, done.progress.eta) == (200, 100.0, "0s")
+    assert done.progress.stage == "succeeded"
