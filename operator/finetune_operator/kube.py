@@ -1,8 +1,9 @@
 """The few Kubernetes API calls the operator and the `finetune` cluster commands make themselves.
 
-A thin layer over `kubernetes_asyncio`'s typed APIs (kopf keeps its own client for watching):
-it loads credentials the same way kopf does (the pod's service account, else KUBECONFIG or
-~/.kube/config) and returns plain camelCase dicts, so builders and `derive_status` never see
+A thin layer over `kubernetes_asyncio`'s typed APIs (kopf keeps its own client for watching).
+Credentials are loaded once, by kubernetes_asyncio (the pod's service account, else KUBECONFIG
+or ~/.kube/config, exec plugins included), and handed to kopf too (`connection_info`). Calls
+return plain camelCase dicts, so builders and `derive_status` never see
 client model classes. Errors are `kubernetes_asyncio`'s `ApiException` (`.status`, `.reason`).
 The trainer's /progress is fetched with a separate plain HTTP session that carries no API
 credentials.
@@ -17,6 +18,7 @@ from collections.abc import AsyncIterator
 from typing import Any, cast
 
 import aiohttp
+import kopf
 from finetune_trainer.progress import PROGRESS_PATH, Progress
 from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
@@ -32,7 +34,18 @@ MERGE_PATCH = "application/merge-patch+json"
 PROGRESS_TIMEOUT = aiohttp.ClientTimeout(total=3)
 REQUEST_TIMEOUT_SECONDS = 30
 
-__all__ = ["ApiException", "Kube", "connect", "fetch_progress", "progress_url"]
+__all__ = [
+    "ApiException",
+    "Kube",
+    "api_message",
+    "connect",
+    "connection_info",
+    "default_namespace",
+    "fetch_progress",
+    "in_cluster",
+    "load_configuration",
+    "progress_url",
+]
 
 
 def api_message(exc: ApiException) -> str:
@@ -46,29 +59,62 @@ def api_message(exc: ApiException) -> str:
     return f"{exc.status} {exc.reason}"
 
 
-async def connect() -> Kube:
-    """A Kube on the pod's service account in a cluster, else on KUBECONFIG / ~/.kube/config."""
+def in_cluster() -> bool:
+    """Running in a pod (the API server's service environment is set)."""
+    return bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
+
+
+def kubeconfig_path() -> str:
+    """KUBECONFIG (a path list, as kubectl reads it), else ~/.kube/config."""
+    return os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
+
+
+async def load_configuration() -> client.Configuration:
+    """Client settings from the pod's service account, else from the kubeconfig (with its
+    exec / auth-provider plugins, as kubectl)."""
     configuration = client.Configuration()
-    if os.environ.get("KUBERNETES_SERVICE_HOST"):
+    if in_cluster():
         # refreshes the projected service-account token as it rotates
         config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
     else:
-        path = os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
         await config.load_kube_config(
-            config_file=path, client_configuration=configuration, persist_config=False
+            config_file=kubeconfig_path(),
+            client_configuration=configuration,
+            persist_config=False,
         )
-    return Kube(client.ApiClient(configuration))
+    return configuration
+
+
+def connection_info(configuration: client.Configuration) -> kopf.ConnectionInfo:
+    """The same credentials as kopf's ConnectionInfo, so kopf's watches and our calls agree."""
+    scheme, token = None, None
+    if authorization := configuration.api_key.get("BearerToken"):
+        scheme, _, token = str(authorization).partition(" ")
+    return kopf.ConnectionInfo(
+        server=str(configuration.host),
+        ca_path=configuration.ssl_ca_cert or None,
+        insecure=not configuration.verify_ssl,
+        scheme=scheme or None,
+        token=token or None,
+        certificate_path=configuration.cert_file or None,
+        private_key_path=configuration.key_file or None,
+        default_namespace=default_namespace(),
+    )
+
+
+async def connect() -> Kube:
+    """A Kube on the pod's service account in a cluster, else on KUBECONFIG / ~/.kube/config."""
+    return Kube(client.ApiClient(await load_configuration()))
 
 
 def default_namespace() -> str:
     """The namespace of the service account, else of the kubeconfig's current context."""
     sa_namespace = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
-    if os.environ.get("KUBERNETES_SERVICE_HOST") and os.path.exists(sa_namespace):
+    if in_cluster() and os.path.exists(sa_namespace):
         with open(sa_namespace) as fh:
             return fh.read().strip() or "default"
-    path = os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
     try:
-        _, current = config.list_kube_config_contexts(config_file=path)
+        _, current = config.list_kube_config_contexts(config_file=kubeconfig_path())
     except (config.ConfigException, OSError):
         return "default"
     return str((current or {}).get("context", {}).get("namespace") or "default")

@@ -31,11 +31,21 @@ from typing import Any
 
 import aiohttp
 import kopf
+from kubernetes_asyncio.config import ConfigException
 
 from finetune_operator import metrics
 from finetune_operator.api import GROUP, PLURAL, VERSION, ConfigError, FineTuneJobSpec, parse_spec
 from finetune_operator.builders import JOB_LABEL, build_configmap, build_job, job_name
-from finetune_operator.kube import ApiException, Kube, api_message, connect, fetch_progress
+from finetune_operator.kube import (
+    ApiException,
+    Kube,
+    api_message,
+    connect,
+    connection_info,
+    fetch_progress,
+    in_cluster,
+    load_configuration,
+)
 from finetune_operator.policy import Policy, check_policy
 from finetune_operator.status import (
     TERMINAL_PHASES,
@@ -121,15 +131,15 @@ async def startup(**kwargs: Any) -> None:
 
 
 @kopf.on.login()
-def login(**kwargs: Any) -> Any:
-    """Kopf's credentials: the pod's service account, else the kubeconfig."""
-    settings = kwargs["settings"]
-    info = kopf.login_with_service_account(settings=settings) or kopf.login_with_kubeconfig(
-        settings=settings
-    )
-    if info is None:
-        raise kopf.LoginError("no Kubernetes credentials (no service account, no kubeconfig)")
-    return info
+async def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    """Kopf's credentials: the pod's service account (kopf re-reads the rotating token), else
+    the kubeconfig as kubernetes_asyncio reads it (exec and auth-provider plugins too)."""
+    if in_cluster():
+        return kopf.login_with_service_account(settings=kwargs["settings"])
+    try:
+        return connection_info(await load_configuration())
+    except (ConfigException, OSError) as exc:
+        raise kopf.LoginError(f"no usable Kubernetes credentials: {exc}") from exc
 
 
 @kopf.on.cleanup()
@@ -161,13 +171,17 @@ def finetune_pods(**kwargs: Any) -> dict[Key, Obj]:
     return {_owner_key(kwargs["namespace"], kwargs["labels"]): dict(kwargs["body"])}
 
 
+def _wake(key: Key) -> None:
+    event = STATE.wakeups.get(key)
+    if event is not None:
+        event.set()
+
+
 @kopf.on.event(*JOBS, labels=OWNED)
 @kopf.on.event(*PODS, labels=OWNED)
 def wake(**kwargs: Any) -> None:
     """A Job or pod of ours changed: let its FineTuneJob's daemon re-derive the status now."""
-    event = STATE.wakeups.get(_owner_key(kwargs["namespace"], kwargs["labels"]))
-    if event is not None:
-        event.set()
+    _wake(_owner_key(kwargs["namespace"], kwargs["labels"]))
 
 
 def _indexed(index: Any, key: Key) -> list[Obj]:
@@ -278,6 +292,7 @@ async def suspend_changed(**kwargs: Any) -> None:
     logger = kwargs["logger"]
     if old is None and not new:
         return
+    _wake((namespace, name))  # the reason shown in status changes even when the Job does not
     jobs = _indexed(kwargs.get("finetune_jobs"), (namespace, name))
     if not jobs:
         return

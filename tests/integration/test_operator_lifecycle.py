@@ -244,3 +244,31 @@ def test_name_conflict_with_someone_elses_object(cluster, kubelet, operator) -> 
     cond = condition(cluster, "taken", "Failed")
     assert cond["reason"] == "NameConflict" and "taken-config" in cond["message"]
     assert cluster.job("taken") is None
+
+
+def test_kueue_admits_a_queued_job(cluster, kubelet, operator) -> None:
+    """With queueName the Job is created suspended and only Kueue unsuspends it: resuming the
+    FineTuneJob never bypasses the queue."""
+    kubelet.env.update({"FAKE_STEPS": "5", "FAKE_STEP_SECONDS": "0.05"})
+    cluster.apply_ftj("queued", spec(queueName="gpu-team"))
+    job = cluster.wait_for(lambda: cluster.job("queued"), what="Job")
+    assert job["spec"]["suspend"] is True
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-team"
+    cluster.wait_for(lambda: phase(cluster, "queued") == "Suspended", what="Suspended")
+    assert condition(cluster, "queued", "Suspended")["reason"] == "WaitingForQueue"
+
+    cluster.patch(custom_path("default", "queued"), {"spec": {"suspend": True}})
+    cluster.wait_for(
+        lambda: condition(cluster, "queued", "Suspended")["reason"] == "SuspendedByUser",
+        what="SuspendedByUser",
+    )
+    cluster.patch(custom_path("default", "queued"), {"spec": {"suspend": False}})
+    cluster.wait_for(
+        lambda: condition(cluster, "queued", "Suspended")["reason"] == "WaitingForQueue",
+        what="back to WaitingForQueue",
+    )
+    time.sleep(1)  # the operator had time to (wrongly) unsuspend it
+    assert cluster.job("queued")["spec"]["suspend"] is True
+
+    cluster.patch("/apis/batch/v1/namespaces/default/jobs/queued", {"spec": {"suspend": False}})
+    cluster.wait_for(lambda: phase(cluster, "queued") == "Succeeded", what="Succeeded")
