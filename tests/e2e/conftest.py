@@ -26,7 +26,6 @@ from e2e_kube import (
     free_port,
     kubeconfig_problem,
     load_crd_manifest,
-    operator_login_problem,
     quickstart_body,
     wait_for,
 )
@@ -124,9 +123,6 @@ def operator(
     cluster: Cluster, crd: Obj, namespace: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Operator]:
     """`python -m finetune_operator.main` watching only `namespace`, healthy on /healthz."""
-    problem = operator_login_problem()
-    if problem is not None:
-        pytest.skip(problem)
     work = tmp_path_factory.mktemp("operator")
     port = free_port()
     env = dict(os.environ)

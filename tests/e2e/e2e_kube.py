@@ -69,49 +69,6 @@ def kubeconfig_problem() -> str | None:
     return "no cluster configured: KUBECONFIG is not set and ~/.kube/config does not exist"
 
 
-def operator_login_problem() -> str | None:
-    """Why the operator (kopf's kubeconfig login) could not authenticate, if it can tell.
-
-    kopf reads the kubeconfig itself and takes a token, client certificate or basic auth; it
-    does not run `exec` credential plugins (EKS, GKE, AKS kubelogin...).
-    """
-    contexts: dict[str, Any] = {}
-    users: dict[str, Any] = {}
-    current: str | None = None
-    for path in kubeconfig_paths():
-        if not path.is_file():
-            continue
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except (OSError, yaml.YAMLError):
-            continue
-        current = current or data.get("current-context")
-        for item in data.get("contexts") or []:
-            contexts.setdefault(item.get("name"), item.get("context") or {})
-        for item in data.get("users") or []:
-            users.setdefault(item.get("name"), item.get("user") or {})
-    if current is None or current not in contexts:
-        return None  # the client login fails first, with its own message
-    user = users.get(contexts[current].get("user")) or {}
-    static = (
-        "token",
-        "tokenFile",
-        "client-certificate",
-        "client-certificate-data",
-        "username",
-    )
-    has_static = any(user.get(key) for key in static) or bool(
-        (user.get("auth-provider") or {}).get("config", {}).get("access-token")
-    )
-    if user.get("exec") and not has_static:
-        return (
-            f"the kubeconfig user of context {current!r} authenticates with an exec plugin, "
-            "which the operator's kubeconfig login (kopf) does not run; use a kubeconfig "
-            "with a token or a client certificate"
-        )
-    return None
-
-
 # --------------------------------------------------------------------------------------------
 # the cluster
 # --------------------------------------------------------------------------------------------
