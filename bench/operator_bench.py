@@ -214,6 +214,12 @@ async def run(args: argparse.Namespace, server: str, kubeconfig: Path | None) ->
         "latency_p95": benchlib.percentile(latencies, 95),
         "latency_p99": benchlib.percentile(latencies, 99),
         "latency_max": max(latencies) if latencies else None,
+        # p50 per tenth of the run, in creation order: growth means the system saturates
+        "latency_p50_by_tenth": [
+            benchlib.percentile(chunk, 50)
+            for i in range(10)
+            if (chunk := latencies[i * len(latencies) // 10 : (i + 1) * len(latencies) // 10])
+        ],
         "server_gap_p50": benchlib.percentile(gaps, 50),
         "server_gap_p99": benchlib.percentile(gaps, 99),
     }

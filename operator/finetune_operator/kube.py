@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any, cast
 
 import aiohttp
@@ -132,8 +132,17 @@ class Kube:
     async def close(self) -> None:
         await self.api.close()
 
-    def _plain(self, obj: Any) -> Obj:
-        return dict(self.api.sanitize_for_serialization(obj))
+    @staticmethod
+    async def _json(call: Awaitable[Any]) -> Obj:
+        """The JSON body of a typed call made with `_preload_content=False`: the object as the
+        API server sent it, without a round trip through the client's model classes."""
+        resp = cast(aiohttp.ClientResponse, await call)
+        data = await resp.read()
+        if not 200 <= resp.status <= 299:
+            error = ApiException(status=resp.status, reason=resp.reason)
+            error.body, error.headers = data, resp.headers
+            raise error
+        return dict(json.loads(data))
 
     # ---- FineTuneJobs ----------------------------------------------------------------------
     async def get_finetunejob(self, namespace: str, name: str) -> Obj | None:
@@ -196,44 +205,46 @@ class Kube:
         """Create a ConfigMap or a Job from its manifest."""
         namespace = manifest["metadata"]["namespace"]
         body: Any = manifest  # the client serialises plain dicts as they are
-        made: Any
+        options: Any = {"_preload_content": False, "_request_timeout": REQUEST_TIMEOUT_SECONDS}
         match manifest["kind"]:
             case "ConfigMap":
-                made = await self.core.create_namespaced_config_map(
-                    namespace, body, _request_timeout=REQUEST_TIMEOUT_SECONDS
+                return await self._json(
+                    self.core.create_namespaced_config_map(namespace, body, **options)
                 )
             case "Job":
-                made = await self.batch.create_namespaced_job(
-                    namespace, body, _request_timeout=REQUEST_TIMEOUT_SECONDS
+                return await self._json(
+                    self.batch.create_namespaced_job(namespace, body, **options)
                 )
             case kind:
                 raise ValueError(f"unsupported kind {kind}")
-        return self._plain(made)
 
     async def read_child(self, kind: str, namespace: str, name: str) -> Obj | None:
         """A ConfigMap or Job by name; None when it does not exist."""
-        found: Any
+        call: Awaitable[Any]
         try:
             match kind:
                 case "ConfigMap":
-                    found = await self.core.read_namespaced_config_map(name, namespace)
+                    call = self.core.read_namespaced_config_map(
+                        name, namespace, _preload_content=False
+                    )
                 case "Job":
-                    found = await self.batch.read_namespaced_job(name, namespace)
+                    call = self.batch.read_namespaced_job(name, namespace, _preload_content=False)
                 case _:
                     raise ValueError(f"unsupported kind {kind}")
+            return await self._json(call)
         except ApiException as exc:
             if exc.status == 404:
                 return None
             raise
-        return self._plain(found)
 
     async def patch_job(self, namespace: str, name: str, patch: Obj) -> Obj:
         """Merge-patch a Job (e.g. spec.suspend)."""
-        return self._plain(
-            await self.batch.patch_namespaced_job(
+        return await self._json(
+            self.batch.patch_namespaced_job(
                 name,
                 namespace,
                 patch,
+                _preload_content=False,
                 _content_type=MERGE_PATCH,  # type: ignore[call-arg]  # see patch_finetunejob_status
             )
         )
@@ -241,10 +252,12 @@ class Kube:
     # ---- pods -------------------------------------------------------------------------------
     async def job_pods(self, namespace: str, name: str) -> list[Obj]:
         """The trainer pods of FineTuneJob `name`."""
-        listing = await self.core.list_namespaced_pod(
-            namespace, label_selector=f"{JOB_LABEL}={name}"
+        listing = await self._json(
+            self.core.list_namespaced_pod(
+                namespace, label_selector=f"{JOB_LABEL}={name}", _preload_content=False
+            )
         )
-        pods = [self._plain(pod) for pod in listing.items or []]
+        pods: list[Obj] = listing.get("items") or []
         return [
             p for p in pods if (p.get("metadata", {}).get("labels") or {}).get(JOB_LABEL) == name
         ]
