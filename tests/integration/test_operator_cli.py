@@ -60,7 +60,10 @@ def test_status_list_logs_cancel(cluster) -> None:
     result = runner.invoke(app(), ["list", "-A"])
     assert "default" in result.output
 
-    # logs: kmock has no log endpoint for pods; an error is reported, not a traceback
+    # logs: the pod named in status does not exist -> the API's 404, not a traceback;
+    # then the pod's log, whole and followed
+    result = runner.invoke(app(), ["logs", "ft"])
+    assert result.exit_code == 1 and result.output.startswith("error: 404")
     cluster.create(
         core_path("default", "pods"),
         {
@@ -69,8 +72,21 @@ def test_status_list_logs_cancel(cluster) -> None:
             "metadata": {"name": "ft-abc", "labels": {"finetune.dev/job": "ft"}},
         },
     )
+    log_path = core_path("default", "pods", "ft-abc", "log")
+    cluster.emulator[f"get {log_path}"] << b"step 1 loss 2.0\nstep 2 loss 1.5\n"
     result = runner.invoke(app(), ["logs", "ft"])
-    assert "Traceback" not in result.output
+    assert result.exit_code == 0, result.output
+    assert result.output == "step 1 loss 2.0\nstep 2 loss 1.5\n"
+    result = runner.invoke(app(), ["logs", "ft", "-f"])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines() == ["step 1 loss 2.0", "step 2 loss 1.5"]
+    assert [r.params.get("container") for r in cluster.emulator[f"get {log_path}"]] == [
+        "trainer",
+        "trainer",
+    ]
+
+    result = runner.invoke(app(), ["status", "missing"])
+    assert result.exit_code == 1 and "not found" in result.output
 
     result = runner.invoke(app(), ["cancel", "ft"])
     assert result.exit_code == 0, result.output
