@@ -320,9 +320,10 @@ class Observer:
     """What one FineTuneJob's daemon knows between passes."""
 
     body: kopf.Body
-    spec: FineTuneJobSpec
+    spec: FineTuneJobSpec  # re-parsed when metadata.generation changes (spec.suspend may)
     status: Obj  # the status as last read or written
     created_job: Obj | None = None  # the Job we created, until the index has it
+    generation: int | None = None  # of `spec`
 
     @property
     def key(self) -> Key:
@@ -335,10 +336,13 @@ class Observer:
         Returns (the new status, whether a trainer pod is running).
         """
         namespace, name = self.key
-        fresh, _ = validate(dict(self.body.get("spec") or {}), namespace, STATE.policy)
-        spec = fresh or self.spec  # spec.suspend may change; the training part is immutable
-        previous = parse_status(self.status)
         generation = self.body["metadata"].get("generation")
+        if generation != self.generation:
+            fresh, _ = validate(dict(self.body.get("spec") or {}), namespace, STATE.policy)
+            self.spec = fresh or self.spec  # the training part is immutable (CEL)
+            self.generation = generation
+        spec = self.spec
+        previous = parse_status(self.status)
         job = jobs[0] if jobs else self.created_job
         if jobs:
             self.created_job = None
