@@ -320,10 +320,10 @@ class Observer:
     """What one FineTuneJob's daemon knows between passes."""
 
     body: kopf.Body
-    spec: FineTuneJobSpec  # re-parsed when metadata.generation changes (spec.suspend may)
+    spec: FineTuneJobSpec  # re-parsed when the raw spec changes (spec.suspend may)
     status: Obj  # the status as last read or written
     created_job: Obj | None = None  # the Job we created, until the index has it
-    generation: int | None = None  # of `spec`
+    raw_spec: Obj | None = None  # what `spec` was parsed from
 
     @property
     def key(self) -> Key:
@@ -337,10 +337,11 @@ class Observer:
         """
         namespace, name = self.key
         generation = self.body["metadata"].get("generation")
-        if generation != self.generation:
-            fresh, _ = validate(dict(self.body.get("spec") or {}), namespace, STATE.policy)
+        raw_spec = dict(self.body.get("spec") or {})
+        if raw_spec != self.raw_spec:
+            fresh, _ = validate(raw_spec, namespace, STATE.policy)
             self.spec = fresh or self.spec  # the training part is immutable (CEL)
-            self.generation = generation
+            self.raw_spec = raw_spec
         spec = self.spec
         previous = parse_status(self.status)
         job = jobs[0] if jobs else self.created_job
