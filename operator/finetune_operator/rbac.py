@@ -28,17 +28,16 @@ NAMESPACED_RULES: list[PolicyRule] = [
     },
     {"apiGroups": [GROUP], "resources": [f"{PLURAL}/status"], "verbs": ["get", "patch"]},
     {"apiGroups": [GROUP], "resources": [f"{PLURAL}/finalizers"], "verbs": ["update"]},
+    # Jobs and pods: kopf's label-selected watches; Jobs are created, read back on a 409 and
+    # patched (spec.suspend); deletion is left to the garbage collector.
     {
         "apiGroups": ["batch"],
         "resources": ["jobs"],
-        "verbs": ["get", "list", "watch", "create", "patch", "delete"],
+        "verbs": ["get", "list", "watch", "create", "patch"],
     },
-    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
-    {
-        "apiGroups": [""],
-        "resources": ["configmaps"],
-        "verbs": ["get", "list", "watch", "create", "patch", "delete"],
-    },
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
+    # ConfigMaps: created, and read back on a 409 (never listed: no cluster-wide ConfigMap reads)
+    {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "create"]},
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]},
     {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
 ]
