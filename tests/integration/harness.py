@@ -122,8 +122,9 @@ REQUEST_LOG = 2
 
 
 class Emulator(kmock.KubernetesEmulator):
-    """kmock's emulator plus what an API server adds on create: name from generateName,
-    uid, resourceVersion and creationTimestamp (kopf's events use generateName).
+    """kmock's emulator plus what an API server adds: on create, name from generateName,
+    uid, resourceVersion and creationTimestamp (kopf's events use generateName); on a spec
+    change, metadata.generation + 1.
 
     It also counts the requests of everyone but the harness (and `ignored_agents`) as
     'VERB resource[/subresource]' in `counts`, and keeps only the tail of kmock's request
@@ -168,6 +169,17 @@ class Emulator(kmock.KubernetesEmulator):
             meta.setdefault("uid", str(uuid.uuid4()))
             meta.setdefault("resourceVersion", "1")
             meta.setdefault("creationTimestamp", now_iso())
+        elif (
+            request.action == kmock.action.UPDATE
+            and not request.subresource
+            and isinstance(request.data, dict)
+            and "spec" in request.data
+        ):
+            # a spec change bumps metadata.generation (what observedGeneration refers to)
+            current = self._KubernetesEmulator__get_objs(request, strict=True)
+            if current:
+                generation = int(current[0].last.raw.get("metadata", {}).get("generation") or 0)
+                request.data.setdefault("metadata", {})["generation"] = generation + 1
         return await super()._handle(request)
 
 

@@ -181,7 +181,10 @@ def test_suspend_then_resume_continues_from_checkpoint(cluster, kubelet, operato
     cluster.wait_for(stepped, what="training progress")
     cluster.patch(custom_path("default", "pausable"), {"spec": {"suspend": True}})
     cluster.wait_for(lambda: phase(cluster, "pausable") == "Suspended", what="Suspended")
-    assert condition(cluster, "pausable", "Suspended")["reason"] == "SuspendedByUser"
+    suspended = condition(cluster, "pausable", "Suspended")
+    assert suspended["reason"] == "SuspendedByUser"
+    assert cluster.ftj("pausable")["metadata"]["generation"] == 2
+    assert suspended["observedGeneration"] == 2
     assert cluster.job("pausable")["spec"]["suspend"] is True
     cluster.wait_for(lambda: not cluster.pods("pausable"), what="pods gone")
     saved = sorted((kubelet.pvc_root / "outputs/run1/checkpoints").iterdir())
