@@ -63,6 +63,15 @@ def _run(fn: Callable[[Kube, str], Awaitable[T]], namespace: str | None) -> T:
         raise typer.Exit(1) from None
 
 
+async def _finetunejob(kube: Kube, namespace: str, name: str) -> dict[str, Any]:
+    """The FineTuneJob, or exit 1 saying it is not there."""
+    obj = await kube.get_finetunejob(namespace, name)
+    if obj is None:
+        console.print(f"[red]finetunejob {name} not found in namespace {namespace}[/]")
+        raise typer.Exit(1)
+    return obj
+
+
 def _age(stamp: str | None) -> str:
     if not stamp:
         return ""
@@ -130,10 +139,7 @@ def status_cmd(
     """Show a FineTuneJob's phase, progress, loss, checkpoints and result."""
 
     async def fetch(kube: Kube, ns: str) -> FineTuneJobStatus:
-        obj = await kube.get_finetunejob(ns, name)
-        if obj is None:
-            console.print(f"[red]finetunejob {name} not found in namespace {ns}[/]")
-            raise typer.Exit(1)
+        obj = await _finetunejob(kube, ns, name)
         return parse_status(obj.get("status"))
 
     losses: list[float] = []
@@ -194,10 +200,7 @@ def logs_cmd(
     """Print the trainer's log (the latest attempt's pod)."""
 
     async def fetch(kube: Kube, ns: str) -> None:
-        obj = await kube.get_finetunejob(ns, name)
-        if obj is None:
-            console.print(f"[red]finetunejob {name} not found in namespace {ns}[/]")
-            raise typer.Exit(1)
+        obj = await _finetunejob(kube, ns, name)
         pod = parse_status(obj.get("status")).pod_name
         if pod is None:
             pods = await kube.job_pods(ns, name)

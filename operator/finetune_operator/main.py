@@ -24,7 +24,7 @@ import asyncio
 import copy
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -184,9 +184,8 @@ def wake(**kwargs: Any) -> None:
     _wake(_owner_key(kwargs["namespace"], kwargs["labels"]))
 
 
-def _indexed(index: Any, key: Key) -> list[Obj]:
-    store: Iterable[Obj] = index.get(key, []) if index is not None else []
-    return list(store)
+def _indexed(index: kopf.Index[Key, Obj], key: Key) -> list[Obj]:
+    return list(index.get(key, []))
 
 
 # --------------------------------------------------------------------------------------------
@@ -293,7 +292,7 @@ async def suspend_changed(**kwargs: Any) -> None:
     if old is None and not new:
         return
     _wake((namespace, name))  # the reason shown in status changes even when the Job does not
-    jobs = _indexed(kwargs.get("finetune_jobs"), (namespace, name))
+    jobs = _indexed(kwargs["finetune_jobs"], (namespace, name))
     if not jobs:
         return
     if bool(jobs[0].get("spec", {}).get("suspend")) == bool(new):
@@ -430,8 +429,8 @@ async def observe(**kwargs: Any) -> None:
     try:
         while not stopped:
             wake.clear()
-            jobs = _indexed(kwargs.get("finetune_jobs"), key)
-            pods = _indexed(kwargs.get("finetune_pods"), key)
+            jobs = _indexed(kwargs["finetune_jobs"], key)
+            pods = _indexed(kwargs["finetune_pods"], key)
             try:
                 status, running = await observer.step(jobs, pods)
             except NameConflictError as exc:

@@ -509,20 +509,33 @@ class Kubelet:
         await self.api.patch(
             core_path(run.namespace, "pods", pod_name), {"status": POD_FATES[fate]}
         )
-        if fate != "oom":
-            return
+        if fate == "oom":
+            await self._pod_failed(run, int(job["spec"].get("backoffLimit", 6)))
+
+    async def _fail_job(self, run: Run, failed: int, reason: str, message: str) -> None:
+        """The Job controller's final Failed condition."""
+        run.done = True
+        await self._job_status(
+            run,
+            {
+                "active": 0,
+                "failed": failed,
+                "conditions": [self._cond("Failed", reason=reason, message=message)],
+            },
+        )
+
+    async def _pod_failed(self, run: Run, backoff: int) -> None:
+        """A pod failure that counts against backoffLimit: a new pod, or the Job fails."""
         run.failed += 1
-        status: Obj = {"active": 0, "failed": run.failed}
-        if run.failed > int(job["spec"].get("backoffLimit") or 0):
-            run.done = True
-            status["conditions"] = [
-                self._cond(
-                    "Failed",
-                    reason="BackoffLimitExceeded",
-                    message="Job has reached the specified backoff limit",
-                )
-            ]
-        await self._job_status(run, status)
+        if run.failed > backoff:
+            await self._fail_job(
+                run,
+                run.failed,
+                "BackoffLimitExceeded",
+                "Job has reached the specified backoff limit",
+            )
+        else:
+            await self._job_status(run, {"active": 0, "failed": run.failed})
 
     async def _start_pod(self, run: Run, job: Obj) -> None:
         template = job["spec"]["template"]
@@ -701,20 +714,11 @@ class Kubelet:
         run.proc = None
         backoff = int(job["spec"].get("backoffLimit", 6))
         if run.deadline_exceeded:
-            run.done = True
-            await self._job_status(
+            await self._fail_job(
                 run,
-                {
-                    "active": 0,
-                    "failed": run.failed + 1,
-                    "conditions": [
-                        self._cond(
-                            "Failed",
-                            reason="DeadlineExceeded",
-                            message="Job was active longer than specified deadline",
-                        )
-                    ],
-                },
+                run.failed + 1,
+                "DeadlineExceeded",
+                "Job was active longer than specified deadline",
             )
         elif run.stopping:  # suspended: the Job controller deletes the pod; not a failure
             run.stopping = False
@@ -732,44 +736,17 @@ class Kubelet:
                 },
             )
         elif code == 65:  # podFailurePolicy: FailJob
-            run.done = True
-            await self._job_status(
+            await self._fail_job(
                 run,
-                {
-                    "active": 0,
-                    "failed": run.failed + 1,
-                    "conditions": [
-                        self._cond(
-                            "Failed",
-                            reason="PodFailurePolicy",
-                            message=f"Container trainer for pod {run.namespace}/{run.pod} failed "
-                            "with exit code 65 matching FailJob rule at index 1",
-                        )
-                    ],
-                },
+                run.failed + 1,
+                "PodFailurePolicy",
+                f"Container trainer for pod {run.namespace}/{run.pod} failed "
+                "with exit code 65 matching FailJob rule at index 1",
             )
         elif code == 75:  # podFailurePolicy: Ignore -> a new pod, not counted
             await self._job_status(run, {"active": 0})
         else:
-            run.failed += 1
-            if run.failed > backoff:
-                run.done = True
-                await self._job_status(
-                    run,
-                    {
-                        "active": 0,
-                        "failed": run.failed,
-                        "conditions": [
-                            self._cond(
-                                "Failed",
-                                reason="BackoffLimitExceeded",
-                                message="Job has reached the specified backoff limit",
-                            )
-                        ],
-                    },
-                )
-            else:
-                await self._job_status(run, {"active": 0, "failed": run.failed})
+            await self._pod_failed(run, backoff)
 
     def logs(self) -> str:
         """All trainer logs, for failure messages."""
