@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, cast
 
 import aiohttp
@@ -77,12 +77,25 @@ async def load_configuration() -> client.Configuration:
         # refreshes the projected service-account token as it rotates
         config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
     else:
-        await config.load_kube_config(
+        loader = await config.load_kube_config(
             config_file=kubeconfig_path(),
             client_configuration=configuration,
             persist_config=False,
         )
+        if hasattr(loader, "exec_plugin_expiry"):
+            configuration.refresh_api_key_hook = _exec_token_refresher(loader)
     return configuration
+
+
+def _exec_token_refresher(loader: Any) -> Callable[[client.Configuration], Awaitable[None]]:
+    """A hook run before each request: re-runs the kubeconfig's exec plugin once the token it
+    gave has expired (kubernetes_asyncio skips the command while the token is still valid)."""
+
+    async def refresh(configuration: client.Configuration) -> None:
+        if await loader.load_from_exec_plugin():
+            configuration.api_key["BearerToken"] = loader.token
+
+    return refresh
 
 
 def connection_info(configuration: client.Configuration) -> kopf.ConnectionInfo:

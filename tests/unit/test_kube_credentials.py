@@ -78,6 +78,54 @@ def test_exec_plugin_token_is_used(tmp_path, monkeypatch) -> None:
     assert (info.scheme, info.token) == ("Bearer", "from-exec")
 
 
+def _counting_exec_plugin(tmp_path: Path, expires: str) -> dict:
+    """An exec plugin that returns token-<n> on its n-th run, valid until `expires`."""
+    script = tmp_path / "plugin.py"
+    script.write_text(
+        "import json, pathlib\n"
+        f"runs = pathlib.Path({str(tmp_path / 'runs')!r})\n"
+        "n = int(runs.read_text()) + 1 if runs.exists() else 1\n"
+        "runs.write_text(str(n))\n"
+        "print(json.dumps({'apiVersion': 'client.authentication.k8s.io/v1beta1',\n"
+        "    'kind': 'ExecCredential',\n"
+        f"    'status': {{'token': f'token-{{n}}', 'expirationTimestamp': {expires!r}}}}}))\n"
+    )
+    return {
+        "exec": {
+            "apiVersion": "client.authentication.k8s.io/v1beta1",
+            "command": sys.executable,
+            "args": [str(script)],
+        }
+    }
+
+
+@pytest.mark.parametrize(
+    ("expires", "token_at_next_request", "runs"),
+    [
+        ("2000-01-01T00:00:00Z", "Bearer token-2", "2"),
+        ("2999-01-01T00:00:00Z", "Bearer token-1", "1"),
+    ],
+    ids=["expired", "still-valid"],
+)
+def test_expiring_exec_token_is_refreshed_before_a_request(
+    tmp_path, monkeypatch, expires: str, token_at_next_request: str, runs: str
+) -> None:
+    """An operator run from a laptop or CI keeps working past its cloud token's lifetime: the
+    plugin is re-run once the token has expired, and not before."""
+    user = _counting_exec_plugin(tmp_path, expires)
+    monkeypatch.setenv("KUBECONFIG", str(write_kubeconfig(tmp_path / "kc", user)))
+
+    async def token_sent_with_a_request() -> tuple[str, str]:
+        configuration = await load_configuration()
+        first = configuration.api_key["BearerToken"]
+        assert first == "Bearer token-1"
+        return first, await configuration.get_api_key_with_prefix("BearerToken")
+
+    _, sent = asyncio.run(token_sent_with_a_request())
+    assert sent == token_at_next_request
+    assert (tmp_path / "runs").read_text() == runs
+
+
 def test_kubeconfig_path_list_is_merged(tmp_path, monkeypatch) -> None:
     first = write_kubeconfig(tmp_path / "a", {"token": "t"}, namespace="from-a")
     second = tmp_path / "b"
