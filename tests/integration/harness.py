@@ -120,6 +120,14 @@ def free_port() -> int:
 HARNESS_AGENT = "finetune-test-harness"
 REQUEST_LOG = 2
 
+# Emulator replaces this private kmock method; if kmock renames it, the override would silently
+# stop applying (and the scan it speeds up would come back), so fail loudly instead.
+if not callable(getattr(kmock.KubernetesEmulator, "_KubernetesEmulator__get_objs", None)):
+    raise ImportError(
+        f"kmock {getattr(kmock, '__version__', '?')}: KubernetesEmulator.__get_objs is gone; "
+        "update Emulator._KubernetesEmulator__get_objs in tests/integration/harness.py"
+    )
+
 
 class Emulator(kmock.KubernetesEmulator):
     """kmock's emulator plus what an API server adds: on create, name from generateName,
