@@ -2,7 +2,7 @@
 # The CUDA benchmark suite (bench/trainer_bench.py), as run for docs/benchmarks.md.
 #   bash bench/gpu_suite.sh OUTDIR 1b     # Llama-3.2-1B shape: lora (+ablations), qlora, full
 #   bash bench/gpu_suite.sh OUTDIR 1b-lora  # only the 1B LoRA ablations
-#   bash bench/gpu_suite.sh OUTDIR 8b     # Llama-3.1-8B shape: lora, qlora
+#   bash bench/gpu_suite.sh OUTDIR 8b     # Llama-3.1-8B shape: lora, qlora (batch 8 and 1)
 # Needs the trainer extra installed (trl, peft, bitsandbytes, datasets) and, for the Liger
 # arms, liger-kernel.
 set -u
@@ -25,5 +25,8 @@ case "$part" in
   8b)
     bench --model llama-3.1-8b --method lora --steps 10 --rounds 2 --warmup-steps 2 --out "$out/8b-lora.json"
     bench --model llama-3.1-8b --method qlora --steps 10 --rounds 1 --warmup-steps 2 --out "$out/8b-qlora.json"
+    # the memory target (QLoRA 8B peak <= 10 GiB at seq 2048): one sequence per step
+    bench --model llama-3.1-8b --method qlora --arms ours --batch 1 --steps 10 --rounds 1 \
+      --warmup-steps 2 --out "$out/8b-qlora-batch1.json"
     ;;
 esac
