@@ -140,6 +140,44 @@ def test_resume_from_newest_complete_checkpoint_reaches_same_step_count(
     assert steps_logged.count(5) == 1 and 3 in steps_logged  # resumed after 4, not from 0
 
 
+def test_rerun_of_a_finished_run_reports_the_whole_runs_train_loss(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Running the same manifest again resumes at the last checkpoint and trains nothing: no
+    step past maxSteps (transformers alone takes one when resuming mid-epoch), the adapter is
+    the trained one, and train_loss is still the run's (transformers alone reports 0.0)."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "out"
+    adapter = out / "adapter" / "adapter_model.safetensors"
+    run = _run(tiny_model_dir, out, training={"maxSteps": 4, "saveSteps": 2})
+    first, _, _ = _execute(run)
+    assert first.outcome == Outcome.SUCCEEDED
+    trained = json.loads((out / "metrics.json").read_text())["train_loss"]
+    weights = load_file(adapter)
+    second, _, _ = _execute(run)
+    assert second.outcome == Outcome.SUCCEEDED and second.steps == 4
+    again = json.loads((out / "metrics.json").read_text())["train_loss"]
+    assert again > 0
+    assert again == pytest.approx(trained, rel=1e-6)
+    rewritten = load_file(adapter)
+    assert rewritten.keys() == weights.keys()
+    assert all((rewritten[k] == weights[k]).all() for k in weights)
+
+
+def test_logged_train_loss_weights_each_window_by_its_steps() -> None:
+    from finetune_trainer.runner import logged_train_loss
+
+    history = [
+        {"loss": 2.0, "step": 1},
+        {"eval_loss": 9.0, "step": 1},
+        {"loss": 1.0, "step": 4},
+        {"train_loss": 0.0, "step": 4},
+    ]
+    assert logged_train_loss(history) == pytest.approx((2.0 * 1 + 1.0 * 3) / 4)
+    assert logged_train_loss([{"eval_loss": 1.0, "step": 2}]) is None
+
+
 def test_classification_with_minilm(minilm_dir: Path, tmp_path: Path) -> None:
     data = tmp_path / "reviews.jsonl"
     good = ["a wonderful, moving film", "great acting and a clever plot", "loved every minute"]

@@ -223,6 +223,35 @@ def _build_trainer(
     )
 
 
+def restore_finished(trainer: Any, checkpoint: Path) -> bool:
+    """If `checkpoint` already reached the run's maxSteps, load its weights and trainer state
+    instead of training, and return True. (Resumed mid-epoch at maxSteps, transformers would
+    still take one more optimizer step; epoch-based runs end on an epoch and need no help.)"""
+    from transformers import TrainerState
+
+    state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+    if not 0 < trainer.args.max_steps <= state.global_step:
+        return False
+    trainer._load_from_checkpoint(str(checkpoint))  # the weights, as train() would load them
+    trainer.state = state
+    return True
+
+
+def logged_train_loss(log_history: list[dict[str, Any]]) -> float | None:
+    """Mean training loss over every logged step of the run, the steps before a resume
+    included (each logged `loss` is the mean of its window, weighted by its steps). For a
+    resumed run, transformers' `training_loss` covers only the steps of that call: 0.0 for a
+    run resumed at its last checkpoint."""
+    last_step, steps, total = 0, 0, 0.0
+    for entry in log_history:
+        if "loss" in entry and "step" in entry:
+            window = entry["step"] - last_step
+            total += float(entry["loss"]) * window
+            steps += window
+            last_step = entry["step"]
+    return total / steps if steps else None
+
+
 def _evaluate(
     trainer: Any, model: Any, dataset: Any, prefix: str, *, base: bool
 ) -> dict[str, float]:
@@ -335,12 +364,15 @@ def execute(run: RunConfig, ctx: RunContext) -> Summary:
     if resume:
         log.info("resuming from %s", resume.name)
     result = None
-    if not ctx.preemption.is_set:  # a notice during set-up: nothing new to save, stop now
+    trained = not ctx.preemption.is_set  # a notice during set-up: nothing new to save, stop now
+    if trained and resume and restore_finished(trainer, resume):
+        log.info("%s already reached training.maxSteps: nothing left to train", resume.name)
+    elif trained:
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     state = trainer.state
     checkpoints = store.complete()
 
-    if ctx.preemption.is_set or result is None:
+    if ctx.preemption.is_set or not trained:
         tracker.phase(Phase.PREEMPTED, f"stopped at step {state.global_step}; checkpoint saved")
         return Summary(
             outcome=Outcome.PREEMPTED,
@@ -352,7 +384,13 @@ def execute(run: RunConfig, ctx: RunContext) -> Summary:
             trained_tokens=state.num_input_tokens_seen or None,
         )
 
-    metrics["train_loss"] = result.training_loss
+    train_loss = (
+        result.training_loss
+        if result is not None and not resume
+        else logged_train_loss(state.log_history)
+    )
+    if train_loss is not None:
+        metrics["train_loss"] = train_loss
     if prepared.eval is not None:
         tracker.phase(Phase.EVALUATING, "validation split")
         metrics.update(_evaluate(trainer, trainer.model, prepared.eval, "eval", base=False))
