@@ -182,8 +182,10 @@ def run(
 
 @app.command()
 def validate(file: FileArg, set_: SetOpt = None) -> None:
-    """Check the spec and the dataset (format, fields, duplicates, lengths) without loading a
-    model: only the tokenizer is loaded, to measure lengths in tokens. Exit 65 when invalid."""
+    """Check the spec and the dataset without loading the model. Exit 65 when invalid.
+
+    Checks the dataset's format, fields, duplicates and lengths.
+    Only the tokenizer is loaded, to measure lengths in tokens."""
     from finetune_trainer.models import ModelLoadError, fetch_model
     from finetune_trainer.runner import InvalidInputError, data_summary, prepare_data
 
