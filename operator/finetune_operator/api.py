@@ -147,7 +147,7 @@ def parse_spec(spec: dict[str, Any]) -> FineTuneJobSpec:
     try:
         return FineTuneJobSpec.model_validate(spec)
     except ValidationError as exc:
-        raise ConfigError(format_errors(exc, "spec")) from None
+        raise ConfigError(format_errors(exc, "spec", FineTuneJobSpec)) from None
 
 
 # --------------------------------------------------------------------------------------------

@@ -195,6 +195,13 @@ def test_invalid_spec_field_is_named(path: str, value: Any, expected: str) -> No
     assert all(line.startswith("spec.") for line in errors)
 
 
+def test_unknown_spec_field_suggests_the_closest_one() -> None:
+    errors = spec_errors(with_(SPEC, "resorces", {"gpus": 1}))
+    assert errors == ["spec.resorces: unknown field; did you mean resources?"]
+    errors = spec_errors(with_(SPEC, "resources.gpu", 1))
+    assert errors == ["spec.resources.gpu: unknown field; did you mean gpus?"]
+
+
 def test_qlora_with_a_gpu_is_fine() -> None:
     spec = parse_spec(with_(with_(SPEC, "method", {"type": "qlora"}), "resources.gpus", 1))
     assert spec.method.quantization is not None

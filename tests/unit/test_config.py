@@ -322,6 +322,29 @@ def test_invalid_field_is_named(path: str, value: Any, expected: str) -> None:
     assert paths_of(errors) == {expected}, errors
 
 
+@pytest.mark.parametrize(
+    ("path", "message"),
+    [
+        ("trainig", "unknown field; did you mean training?"),
+        ("training.learningrate", "unknown field; did you mean learningRate?"),
+        ("dataset.maxSeqLen", "unknown field; did you mean maxSeqLength?"),
+        ("method.lora.targetModule", "unknown field; did you mean targetModules?"),
+        ("training.earlyStopping.patiense", "unknown field; did you mean patience?"),
+        ("method.lora.rank", "unknown field"),
+        ("model.bogus", "unknown field"),
+    ],
+)
+def test_unknown_field_suggests_the_closest_field_of_the_same_object(
+    path: str, message: str
+) -> None:
+    assert errors_of(with_(BASE, path, 1)) == [f"{path}: {message}"]
+
+
+def test_unknown_field_in_a_list_item_suggests_the_items_field() -> None:
+    errors = errors_of(with_(BASE, "dataset", {"inline": [{"text": "a"}, {"txt": "b"}]}))
+    assert "dataset.inline[1].txt: unknown field; did you mean text?" in errors
+
+
 CROSS_FIELD: list[tuple[str, dict[str, Any], str, str]] = [
     # (id, overrides of BASE sections, field path, words in the message)
     (

@@ -11,8 +11,10 @@ sub-path onto pydantic's location so every message names the full field path
 
 from __future__ import annotations
 
+import difflib
 import re
-from typing import Annotated, Any, Literal
+import types
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import (
     AfterValidator,
@@ -449,13 +451,58 @@ def _is_union_tag(part: int | str) -> bool:
     return text in _UNION_TAGS or text.startswith(("function-", "literal[", "constrained-"))
 
 
-def format_errors(exc: ValidationError, prefix: str = "") -> list[str]:
-    """Render a ValidationError as ``field.path: message`` lines (camelCase, with `prefix`)."""
+def _strip(annotation: Any) -> Any:
+    """The type under Annotated[...] and `X | None`; None where a union has several members."""
+    while True:
+        origin = get_origin(annotation)
+        if origin is Annotated:
+            annotation = get_args(annotation)[0]
+        elif origin in (Union, types.UnionType):
+            members = [a for a in get_args(annotation) if a is not type(None)]
+            if len(members) != 1:
+                return None
+            annotation = members[0]
+        else:
+            return annotation
+
+
+def _model_at(model: type[BaseModel], loc: tuple[int | str, ...]) -> type[BaseModel] | None:
+    """The spec model that the field path `loc` (aliases, list indexes) leads to, if any."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            args = get_args(current) if get_origin(current) is list else ()
+            current = _strip(args[0]) if args else None
+        elif isinstance(current, type) and issubclass(current, BaseModel):
+            field = next((f for n, f in current.model_fields.items() if part in (n, f.alias)), None)
+            current = _strip(field.annotation) if field else None
+        else:
+            return None
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _unknown_field_message(model: type[BaseModel] | None, loc: tuple[int | str, ...]) -> str:
+    """'unknown field', with the closest real field of the same object when one is close."""
+    parent = _model_at(model, loc[:-1]) if model is not None and loc else None
+    if parent is None:
+        return "unknown field"
+    names = {(f.alias or n).lower(): f.alias or n for n, f in parent.model_fields.items()}
+    close = difflib.get_close_matches(str(loc[-1]).lower(), list(names), n=1, cutoff=0.75)
+    return f"unknown field; did you mean {names[close[0]]}?" if close else "unknown field"
+
+
+def format_errors(
+    exc: ValidationError, prefix: str = "", model: type[BaseModel] | None = None
+) -> list[str]:
+    """Render a ValidationError as ``field.path: message`` lines (camelCase, with `prefix`).
+    With the validated `model`, an unknown field names the closest real one (a typo's fix)."""
     lines = []
     for err in exc.errors():
         loc = tuple(p for p in err["loc"] if not _is_union_tag(p))
         path = _loc_to_path(((prefix,) if prefix else ()) + loc)
         message = err["msg"]
+        if err["type"] == "extra_forbidden":
+            message = _unknown_field_message(model, loc)
         match = _SUBPATH_RE.match(message) if err["type"] == "value_error" else None
         if match:
             path = f"{path}.{match.group(1)}" if path else match.group(1)
@@ -479,7 +526,7 @@ def parse_run_config(data: dict[str, Any], prefix: str = "") -> RunConfig:
     try:
         return RunConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(format_errors(exc, prefix)) from None
+        raise ConfigError(format_errors(exc, prefix, RunConfig)) from None
 
 
 def run_field_names() -> set[str]:
