@@ -42,6 +42,12 @@ K8sName = Annotated[
 ]
 
 
+
+KBIT_ONE_GPU = (
+    "resources.gpus: k-bit (qlora) training runs on one GPU per pod (transformers does not "
+    "split a quantized model across GPUs); set gpus: 1"
+)
+
 class Toleration(SpecModel):
     """A pod toleration (core/v1 Toleration)."""
 
@@ -127,6 +133,8 @@ class FineTuneJobSpec(RunConfig):
     def _check_placement(self) -> FineTuneJobSpec:
         if self.method.type == "qlora" and self.resources.gpus == 0:
             raise ValueError("resources.gpus: qlora needs a GPU (bitsandbytes k-bit kernels)")
+        if self.method.quantization is not None and self.resources.gpus > 1:
+            raise ValueError(KBIT_ONE_GPU)
         if not self.output.uri.startswith(DURABLE_OUTPUT_SCHEMES):
             raise ValueError(
                 "output.uri: a cluster run needs durable storage: pvc://claim/path, s3://... "

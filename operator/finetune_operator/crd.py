@@ -25,6 +25,7 @@ from finetune_trainer.config import TrainingSpec
 from finetune_operator.api import (
     CATEGORIES,
     GROUP,
+    KBIT_ONE_GPU,
     KIND,
     PLURAL,
     SHORT_NAMES,
@@ -92,6 +93,13 @@ SPEC_RULES: dict[tuple[str, ...], list[dict[str, str]]] = {
             "!(has(self.method) && has(self.method.type) && self.method.type == 'qlora') || "
             "!has(self.resources) || !has(self.resources.gpus) || self.resources.gpus > 0",
             "spec.resources.gpus: qlora needs a GPU (bitsandbytes k-bit kernels)",
+            ".resources.gpus",
+        ),
+        _rule(
+            "!has(self.method) || !((has(self.method.type) && self.method.type == 'qlora') || "
+            "has(self.method.quantization)) || "
+            "!has(self.resources) || !has(self.resources.gpus) || self.resources.gpus <= 1",
+            f"spec.{KBIT_ONE_GPU}",
             ".resources.gpus",
         ),
         _rule(

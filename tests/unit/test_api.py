@@ -29,7 +29,7 @@ method: {type: qlora, lora: {r: 32, alpha: 64}}
 training: {epochs: auto, learningRate: 0.0001, batchSize: 4, evalSteps: 100}
 output: {uri: s3://bucket/runs/llama-qlora, mergeAdapter: true}
 resources:
-  gpus: 2
+  gpus: 1
   gpuType: NVIDIA-A100-SXM4-80GB
   cpu: "8"
   memory: 64Gi
@@ -193,6 +193,19 @@ def test_invalid_spec_field_is_named(path: str, value: Any, expected: str) -> No
     errors = spec_errors(data)
     assert paths_of(errors) == {expected}, errors
     assert all(line.startswith("spec.") for line in errors)
+
+
+@pytest.mark.parametrize(
+    "method",
+    [{"type": "qlora"}, {"type": "lora", "quantization": {"bits": 4}}],
+    ids=["qlora", "lora-quantized"],
+)
+def test_kbit_training_asks_for_one_gpu(method: dict[str, Any]) -> None:
+    """transformers does not DataParallel a quantized model: a second GPU would sit idle."""
+    errors = spec_errors(with_(with_(SPEC, "method", method), "resources.gpus", 2))
+    assert len(errors) == 1
+    assert errors[0].startswith("spec.resources.gpus: k-bit (qlora) training runs on one GPU")
+    parse_spec(with_(with_(SPEC, "method", method), "resources.gpus", 1))
 
 
 def test_unknown_spec_field_suggests_the_closest_one() -> None:

@@ -126,6 +126,20 @@ CASES: list[tuple[str, str, str, dict[str, Any], dict[str, Any]]] = [
         spec_with(method={"type": "qlora"}, resources={"gpus": 0}),
     ),
     (
+        "qlora-one-gpu",
+        "k-bit (qlora) training runs on one GPU per pod",
+        ".spec.resources.gpus",
+        spec_with(method={"type": "lora"}, resources={"gpus": 4}),
+        spec_with(method={"type": "qlora"}, resources={"gpus": 2}),
+    ),
+    (
+        "lora-quantized-one-gpu",
+        "k-bit (qlora) training runs on one GPU per pod",
+        ".spec.resources.gpus",
+        spec_with(method={"type": "qlora"}),
+        spec_with(method={"type": "lora", "quantization": {"bits": 8}}, resources={"gpus": 2}),
+    ),
+    (
         "durable-output",
         "cluster run needs durable storage",
         ".spec.output.uri",

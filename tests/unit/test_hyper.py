@@ -58,3 +58,46 @@ def test_gpu_batch_is_probed_and_checkpointing_for_large_models() -> None:
     assert (
         hyper.resolve(_run(), 100, "cuda", model_params=500_000_000).gradient_checkpointing is False
     )
+
+
+def _lm(method: str = "lora", **dataset: object) -> RunConfig:
+    return RunConfig.model_validate(
+        {
+            "model": {"source": "./m"},
+            "dataset": {"source": "d.jsonl", **dataset},
+            "method": {"type": method},
+            "output": {"uri": "out"},
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    ("run", "parallel", "flat"),
+    [
+        (_lm(), False, True),
+        (_lm(), True, False),  # DataParallel splits rows: one row would all go to GPU 0
+        (_lm(paddingFree=True), True, True),  # explicit wins (the trainer logs a warning)
+        (_lm(packing=True), True, True),
+        (_lm("prefix"), False, False),
+    ],
+    ids=["auto", "auto-data-parallel", "explicit", "packing", "prefix"],
+)
+def test_padding_free_auto(run: RunConfig, parallel: bool, flat: bool) -> None:
+    from finetune_trainer.runner import padding_free
+
+    assert padding_free(run, parallel) is flat
+
+
+@pytest.mark.parametrize(
+    ("gpus", "kbit", "expected"), [(1, False, False), (2, False, True), (2, True, False)]
+)
+def test_data_parallel_needs_several_gpus_and_a_model_that_is_not_kbit(
+    monkeypatch: pytest.MonkeyPatch, gpus: int, kbit: bool, expected: bool
+) -> None:
+    import torch
+    from finetune_trainer.runner import data_parallel
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    model = torch.nn.Linear(2, 2)
+    model.is_loaded_in_4bit = kbit  # type: ignore[assignment]
+    assert data_parallel(model) is expected

@@ -84,19 +84,29 @@ def _load_dtype(run: RunConfig, precision: str) -> Any:
     return torch_dtype("fp32")
 
 
-def padding_free(run: RunConfig) -> bool:
+def padding_free(run: RunConfig, data_parallel: bool = False) -> bool:
     """Whether causal-LM batches are concatenated into one row with position_ids (no padding).
 
-    auto: on for causal LM except prefix/prompt tuning (their virtual tokens are per row).
-    Packing implies it. The attention layers see the sequence boundaries through position_ids
-    (flash-attention varlen, or SDPA/eager with a block-diagonal mask)."""
+    auto: on for causal LM except prefix/prompt tuning (their virtual tokens are per row), and
+    off under `data_parallel` (torch DataParallel splits a batch by rows: one row would all land
+    on the first GPU). Packing implies it. The attention layers see the sequence boundaries
+    through position_ids (flash-attention varlen, or SDPA/eager with a block-diagonal mask)."""
     if run.task != "causal-lm":
         return False
     if run.dataset.packing:
         return True
     if run.dataset.padding_free == "auto":
-        return run.method.type not in ("prefix", "prompt")
+        return run.method.type not in ("prefix", "prompt") and not data_parallel
     return bool(run.dataset.padding_free)
+
+
+def data_parallel(model: Any) -> bool:
+    """Whether transformers will split each batch across this process's GPUs with torch
+    DataParallel: more than one GPU visible and a model that is not k-bit quantized."""
+    import torch
+
+    kbit = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
+    return torch.cuda.device_count() > 1 and not kbit
 
 
 def use_liger(run: RunConfig, device: str) -> bool:
@@ -202,7 +212,13 @@ def _build_trainer(
         )
     from trl import SFTConfig, SFTTrainer
 
-    flat = padding_free(run)
+    parallel = data_parallel(model)
+    flat = padding_free(run, parallel)
+    if flat and parallel:
+        log.warning(
+            "dataset.paddingFree: true with several GPUs in one process: DataParallel cannot "
+            "split a single-row batch, so the first GPU gets all of it"
+        )
     config = SFTConfig(
         **args,
         # the data pipeline already truncated to maxSeqLength; TRL enforces max_length only
