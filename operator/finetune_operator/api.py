@@ -42,11 +42,11 @@ K8sName = Annotated[
 ]
 
 
-
 KBIT_ONE_GPU = (
     "resources.gpus: k-bit (qlora) training runs on one GPU per pod (transformers does not "
     "split a quantized model across GPUs); set gpus: 1"
 )
+
 
 class Toleration(SpecModel):
     """A pod toleration (core/v1 Toleration)."""
