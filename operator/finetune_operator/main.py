@@ -346,6 +346,7 @@ class Observer:
         job = jobs[0] if jobs else self.created_job
         if jobs:
             self.created_job = None
+        created = False
         if job is None and previous.phase not in TERMINAL_PHASES:
             job, created = await ensure_children(self.body, spec)
             self.created_job = job
@@ -368,7 +369,8 @@ class Observer:
         written = await _write_status(namespace, name, self.status, new)
         if written is not None:
             self.status = written
-            _announce(self.body, previous, new)
+            if not (created and new.phase not in TERMINAL_PHASES):  # JobCreated said it
+                _announce(self.body, previous, new)
         metrics.observe(namespace, name, new)
         return new, bool(running)
 
@@ -424,7 +426,12 @@ async def observe(**kwargs: Any) -> None:
         return  # the create handler reports InvalidSpec
     key = (namespace, name)
     wake = STATE.wakeups.setdefault(key, asyncio.Event())
-    observer = Observer(body=body, spec=spec, status=dict(body.get("status") or {}))
+    observer = Observer(
+        body=body,
+        spec=spec,
+        status=dict(body.get("status") or {}),
+        raw_spec=dict(body.get("spec") or {}),
+    )
     interval = STATE.policy.poll_interval_seconds
     try:
         while not stopped:

@@ -65,6 +65,31 @@ def test_operator_reads_nothing_while_a_job_runs(cluster, kubelet, operator) -> 
     assert set(made) <= {"UPDATE finetunejobs/status", "CREATE events"}, made
 
 
+def test_creating_a_job_costs_one_event_and_no_reads(cluster, kubelet, operator) -> None:
+    """ConfigMap, Job, status patches and one JobCreated event (the first phase needs no
+    event of its own), plus kopf's finalizer/annotation patches; no GET or LIST."""
+    kubelet.fates["warm"] = kubelet.fates["parked"] = "unschedulable"
+    cluster.apply_ftj("warm", spec())  # the operator's start-up discovery and watches go first
+    cluster.wait_for(lambda: phase(cluster, "warm") == "Pending", what="warm-up Pending")
+    before = dict(cluster.emulator.counts)
+    cluster.apply_ftj("parked", spec())
+    cluster.wait_for(lambda: phase(cluster, "parked") == "Pending", what="Pending")
+    cluster.wait_for(
+        lambda: any(
+            c.get("reason") == "Unschedulable"
+            for c in (cluster.ftj("parked") or {}).get("status", {}).get("conditions") or []
+        ),
+        what="Unschedulable",
+    )
+    made = {
+        k: v - before.get(k, 0) for k, v in cluster.emulator.counts.items() if v != before.get(k, 0)
+    }
+    assert made["CREATE configmaps"] == 1 and made["CREATE jobs"] == 1, made
+    assert made["CREATE events"] == 1, made
+    assert not [k for k in made if k.startswith(("GET", "LIST"))], made
+    assert [e["reason"] for e in cluster.events("parked")] == ["JobCreated"]
+
+
 def test_metrics_and_liveness_endpoints(cluster, kubelet, monkeypatch) -> None:
     metrics_port, health_port = free_port(), free_port()
     monkeypatch.setenv("FINETUNE_METRICS_PORT", str(metrics_port))
