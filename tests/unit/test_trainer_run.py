@@ -140,8 +140,9 @@ def test_resume_from_newest_complete_checkpoint_reaches_same_step_count(
     assert steps_logged.count(5) == 1 and 3 in steps_logged  # resumed after 4, not from 0
 
 
+@pytest.mark.parametrize("method", ["lora", "prefix", "full"])
 def test_rerun_of_a_finished_run_reports_the_whole_runs_train_loss(
-    tiny_model_dir: Path, tmp_path: Path
+    method: str, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     """Running the same manifest again resumes at the last checkpoint and trains nothing: no
     step past maxSteps (transformers alone takes one when resuming mid-epoch), the adapter is
@@ -149,8 +150,11 @@ def test_rerun_of_a_finished_run_reports_the_whole_runs_train_loss(
     from safetensors.torch import load_file
 
     out = tmp_path / "out"
-    adapter = out / "adapter" / "adapter_model.safetensors"
-    run = _run(tiny_model_dir, out, training={"maxSteps": 4, "saveSteps": 2})
+    weights_file = "model.safetensors" if method == "full" else "adapter_model.safetensors"
+    adapter = out / "adapter" / weights_file
+    run = _run(
+        tiny_model_dir, out, method={"type": method}, training={"maxSteps": 4, "saveSteps": 2}
+    )
     first, _, _ = _execute(run)
     assert first.outcome == Outcome.SUCCEEDED
     trained = json.loads((out / "metrics.json").read_text())["train_loss"]
