@@ -45,7 +45,7 @@ CRD_PATHS = (
 )
 
 # Fields under spec that define the training run: immutable once created.
-IMMUTABLE_SPEC_FIELDS = ("model", "dataset", "task", "method", "training", "output")
+IMMUTABLE_SPEC_FIELDS = ("model", "dataset", "task", "method", "training", "evaluation", "output")
 
 _DROP_KEYS = {"title", "default", "additionalProperties_false", "examples"}
 
@@ -58,6 +58,7 @@ def _rule(rule: str, message: str, field_path: str | None = None) -> dict[str, s
 
 
 _DEFAULT_SAVE_STEPS = TrainingSpec.model_fields["save_steps"].default
+_NO_GENERATION_EVAL = "!has(self.evaluation) || !has(self.evaluation.generation)"
 
 # CEL rules attached to nodes of the spec schema, keyed by property path under spec.
 # They mirror the pydantic cross-field validators (whose messages name the same fields).
@@ -81,6 +82,23 @@ SPEC_RULES: dict[tuple[str, ...], list[dict[str, str]]] = {
             "self.method.type in ['lora', 'dora', 'qlora', 'ia3'] : true)",
             "spec.output.mergeAdapter: only lora, dora, qlora and ia3 adapters can be merged",
             ".output.mergeAdapter",
+        ),
+        _rule(
+            f"{_NO_GENERATION_EVAL} || !has(self.task) || self.task == 'causal-lm'",
+            "spec.evaluation.generation: only for task causal-lm",
+            ".evaluation.generation",
+        ),
+        _rule(
+            f"{_NO_GENERATION_EVAL} || !has(self.dataset.format) || self.dataset.format != 'text'",
+            "spec.evaluation.generation: needs prompt/completion data (alpaca, chat or "
+            "completion); text has no prompt to answer",
+            ".evaluation.generation",
+        ),
+        _rule(
+            f"{_NO_GENERATION_EVAL} || has(self.dataset.validation) || has(self.dataset.test)",
+            "spec.evaluation.generation: needs held-out prompts (set dataset.validation or "
+            "dataset.test)",
+            ".evaluation.generation",
         ),
         _rule(
             "!has(self.training) || (!has(self.training.earlyStopping) && "

@@ -126,6 +126,40 @@ CASES: list[tuple[str, str, str, dict[str, Any], dict[str, Any]]] = [
         spec_with(method={"type": "qlora"}, resources={"gpus": 0}),
     ),
     (
+        "generation-eval-causal-lm",
+        "evaluation.generation: only for task causal-lm",
+        ".spec.evaluation.generation",
+        spec_with(
+            dataset={"source": "s3://b/t", "validation": {"splitRatio": 0.1}},
+            evaluation={"generation": {}},
+        ),
+        spec_with(
+            task="sequence-classification",
+            dataset={"source": "s3://b/t", "validation": {"splitRatio": 0.1}},
+            evaluation={"generation": {}},
+        ),
+    ),
+    (
+        "generation-eval-needs-prompts",
+        "evaluation.generation: needs prompt/completion data",
+        ".spec.evaluation.generation",
+        spec_with(
+            dataset={"source": "s3://b/t", "format": "chat", "test": {"source": "s3://b/x"}},
+            evaluation={"generation": {"examples": 8}},
+        ),
+        spec_with(
+            dataset={"source": "s3://b/t", "format": "text", "test": {"source": "s3://b/x"}},
+            evaluation={"generation": {}},
+        ),
+    ),
+    (
+        "generation-eval-needs-held-out",
+        "evaluation.generation: needs held-out prompts",
+        ".spec.evaluation.generation",
+        spec_with(evaluation={}),
+        spec_with(evaluation={"generation": {}}),
+    ),
+    (
         "qlora-one-gpu",
         "k-bit (qlora) training runs on one GPU per pod",
         ".spec.resources.gpus",
@@ -315,11 +349,12 @@ def test_rules_tolerate_every_optional_section_absent_one_at_a_time() -> None:
         dataset={"source": "s3://b/t", "format": "alpaca", "validation": {"splitRatio": 0.1}},
         method={"type": "qlora", "lora": {"r": 8}, "quantization": {"bits": 4}},
         training={"epochs": 2, "evalSteps": 10, "earlyStopping": {}},
+        evaluation={"generation": {"examples": 4}},
         output={"uri": "s3://b/o", "mergeAdapter": True},
         resources={"gpus": 1},
     )
     assert no_errors(validate_object(job(full))) == []
-    for section in ("task", "method", "training", "resources"):
+    for section in ("task", "method", "training", "evaluation", "resources"):
         partial = {k: v for k, v in full.items() if k != section}
         assert no_errors(validate_object(job(partial))) == [], section
 
@@ -328,7 +363,8 @@ def test_rules_tolerate_every_optional_section_absent_one_at_a_time() -> None:
 # transition rules (oldSelf)
 # --------------------------------------------------------------------------------------------
 BEFORE = spec_with(
-    dataset={"source": "s3://b/t", "format": "alpaca"},
+    dataset={"source": "s3://b/t", "format": "alpaca", "validation": {"splitRatio": 0.1}},
+    evaluation={"generation": {"examples": 16}},
     method={"type": "lora", "lora": {"r": 8}},
     training={"epochs": 3, "learningRate": 0.001, "gradientCheckpointing": True},
     resources={"gpus": 1},
@@ -339,7 +375,7 @@ BEFORE = spec_with(
     ("section", "value"),
     [
         ("model", {"source": "hf://other/model"}),
-        ("dataset", {"source": "s3://b/t", "format": "chat"}),
+        ("dataset", {"source": "s3://b/t", "format": "chat", "validation": {"splitRatio": 0.2}}),
         ("task", "sequence-classification"),
         ("method", {"type": "lora", "lora": {"r": 16}}),
         ("training", {"epochs": "auto", "learningRate": 0.001, "gradientCheckpointing": True}),
@@ -347,6 +383,7 @@ BEFORE = spec_with(
         ("training", {"epochs": 3, "learningRate": 0.001, "gradientCheckpointing": "auto"}),
         ("training", {"epochs": 3, "learningRate": 0.001}),
         ("output", {"uri": "pvc://outputs/run2"}),
+        ("evaluation", {"generation": {"examples": 64}}),
     ],
 )
 def test_changing_the_run_is_refused(section: str, value: Any) -> None:
@@ -358,7 +395,7 @@ def test_changing_the_run_is_refused(section: str, value: Any) -> None:
     ]
 
 
-@pytest.mark.parametrize("section", ["method", "training"])
+@pytest.mark.parametrize("section", ["method", "training", "evaluation"])
 def test_removing_an_optional_run_section_is_refused(section: str) -> None:
     after = {k: v for k, v in BEFORE.items() if k != section}
     violations = no_errors(validate_object(job(after), job(BEFORE)))

@@ -159,7 +159,15 @@ def test_wire_format_is_camel_case() -> None:
     assert not {k for k in keys(wire) if "_" in k}
     assert {"maxSeqLength", "completionOnlyLoss", "targetModules", "learningRate"} <= keys(wire)
     assert wire["training"]["earlyStopping"]["patience"] == 2
-    assert run_field_names() == {"model", "dataset", "task", "method", "training", "output"}
+    assert run_field_names() == {
+        "model",
+        "dataset",
+        "task",
+        "method",
+        "training",
+        "evaluation",
+        "output",
+    }
 
 
 def test_values_keep_their_types() -> None:
@@ -347,6 +355,31 @@ def test_unknown_field_in_a_list_item_suggests_the_items_field() -> None:
 
 CROSS_FIELD: list[tuple[str, dict[str, Any], str, str]] = [
     # (id, overrides of BASE sections, field path, words in the message)
+    (
+        "generation-eval-no-held-out",
+        {"evaluation": {"generation": {}}},
+        "evaluation.generation",
+        "set dataset.validation or dataset.test",
+    ),
+    (
+        "generation-eval-text",
+        {
+            "dataset": {"source": "s3://b/t", "format": "text", "test": {"source": "s3://b/x"}},
+            "evaluation": {"generation": {"examples": 4}},
+        },
+        "evaluation.generation",
+        "text has no prompt to answer",
+    ),
+    (
+        "generation-eval-classification",
+        {
+            "task": "sequence-classification",
+            "dataset": {"source": "s3://b/t", "validation": {"splitRatio": 0.1}},
+            "evaluation": {"generation": {}},
+        },
+        "evaluation.generation",
+        "only for task causal-lm",
+    ),
     (
         "completion-only-text",
         {"dataset": {"source": "s3://b/t", "format": "text", "completionOnlyLoss": True}},

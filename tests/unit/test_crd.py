@@ -263,7 +263,7 @@ def test_training_part_is_immutable_and_placement_is_not() -> None:
         for path, node in nodes.items()
         if any(r["rule"] == "self == oldSelf" for r in node.get("x-kubernetes-validations", []))
     }
-    assert immutable == {"model", "dataset", "task", "method", "training", "output"}
+    assert immutable == {"model", "dataset", "task", "method", "training", "evaluation", "output"}
     # on spec itself, transition rules only pin the presence of the optional run sections
     # (a field's own rule does not run where the old object lacks it); placement stays mutable
     transitions = [
@@ -271,9 +271,9 @@ def test_training_part_is_immutable_and_placement_is_not() -> None:
     ]
     required = set(nodes[".spec"]["required"])
     assert transitions == [
-        f"has(self.{f}) == has(oldSelf.{f})" for f in ("task", "method", "training")
+        f"has(self.{f}) == has(oldSelf.{f})" for f in ("task", "method", "training", "evaluation")
     ]
-    assert not required & {"task", "method", "training"}
+    assert not required & {"task", "method", "training", "evaluation"}
 
 
 # --------------------------------------------------------------------------------------------

@@ -182,6 +182,43 @@ def test_logged_train_loss_weights_each_window_by_its_steps() -> None:
     assert logged_train_loss([{"eval_loss": 1.0, "step": 2}]) is None
 
 
+def test_generation_eval_scores_the_untuned_and_tuned_answers(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    run = _run(tiny_model_dir, out, evaluation={"generation": {"examples": 5, "maxNewTokens": 6}})
+    summary, phases, _ = _execute(run)
+    assert summary.outcome == Outcome.SUCCEEDED, summary.message
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["generation_examples"] == 5
+    for key in ("generation_rouge_l", "baseline_generation_rouge_l"):
+        assert 0.0 <= metrics[key] <= 1.0
+        assert summary.metrics[key] == metrics[key]
+    for key in ("generation_bleu", "baseline_generation_bleu"):
+        assert 0.0 <= metrics[key] <= 100.0
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 5
+    assert all(set(r) == {"prompt", "reference", "answer", "baseline_answer"} for r in rows)
+    assert all(r["reference"] and r["prompt"] for r in rows)
+    assert phases.count(Phase.EVALUATING) >= 2
+
+
+def test_generation_eval_on_text_data_is_invalid_input(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    data = tmp_path / "notes.jsonl"
+    data.write_text("".join(json.dumps({"text": f"note number {i}"}) + "\n" for i in range(20)))
+    run = _run(
+        tiny_model_dir,
+        tmp_path / "out",
+        dataset={"source": str(data), "format": "auto"},
+        evaluation={"generation": {"examples": 3}},
+    )
+    summary, _, _ = _execute(run)
+    assert summary.outcome == Outcome.INVALID_INPUT
+    assert "evaluation.generation" in (summary.message or "")
+
+
 def test_classification_with_minilm(minilm_dir: Path, tmp_path: Path) -> None:
     data = tmp_path / "reviews.jsonl"
     good = ["a wonderful, moving film", "great acting and a clever plot", "loved every minute"]

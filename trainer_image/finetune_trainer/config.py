@@ -366,6 +366,33 @@ class TrainingSpec(SpecModel):
 
 
 # --------------------------------------------------------------------------------------------
+# evaluation beyond the loss
+# --------------------------------------------------------------------------------------------
+class GenerationEvalSpec(SpecModel):
+    """Answer held-out prompts with the untuned and the tuned model and score the answers."""
+
+    examples: int = Field(
+        default=32,
+        ge=1,
+        le=1000,
+        description="Held-out examples to answer: from the validation split, else the test split.",
+    )
+    max_new_tokens: int = Field(
+        default=128, ge=1, le=4096, description="Tokens generated per answer (greedy)."
+    )
+
+
+class EvaluationSpec(SpecModel):
+    """Evaluation beyond the validation loss."""
+
+    generation: GenerationEvalSpec | None = Field(
+        default=None,
+        description="Score generated answers against the reference completions (ROUGE-L, "
+        "BLEU), before and after training; writes samples.jsonl.",
+    )
+
+
+# --------------------------------------------------------------------------------------------
 # output and the whole run
 # --------------------------------------------------------------------------------------------
 class OutputSpec(SpecModel):
@@ -391,6 +418,7 @@ class RunConfig(SpecModel):
     task: TaskType = Field(default="causal-lm", description="Training objective.")
     method: MethodSpec = Field(default_factory=MethodSpec)
     training: TrainingSpec = Field(default_factory=TrainingSpec)
+    evaluation: EvaluationSpec | None = None
     output: OutputSpec
 
     @model_validator(mode="after")
@@ -423,6 +451,8 @@ class RunConfig(SpecModel):
         if needs_eval and self.dataset.validation is None:
             field = "earlyStopping" if self.training.early_stopping else "evalSteps"
             raise ValueError(f"training.{field}: needs a validation split (set dataset.validation)")
+        if self.evaluation is not None and self.evaluation.generation is not None:
+            self._check_generation_eval()
         es = self.training.early_stopping
         if es and es.metric == "eval_accuracy" and self.task != "sequence-classification":
             raise ValueError(
@@ -430,6 +460,20 @@ class RunConfig(SpecModel):
                 "sequence-classification"
             )
         return self
+
+    def _check_generation_eval(self) -> None:
+        if self.task != "causal-lm":
+            raise ValueError("evaluation.generation: only for task causal-lm")
+        if self.dataset.format == "text":
+            raise ValueError(
+                "evaluation.generation: needs prompt/completion data (alpaca, chat or "
+                "completion); text has no prompt to answer"
+            )
+        if self.dataset.validation is None and self.dataset.test is None:
+            raise ValueError(
+                "evaluation.generation: needs held-out prompts (set dataset.validation or "
+                "dataset.test)"
+            )
 
 
 def _loc_to_path(loc: tuple[int | str, ...]) -> str:

@@ -20,6 +20,7 @@ from finetune_trainer import hyper, storage
 from finetune_trainer.callbacks import PreemptionFlag, RunCallback
 from finetune_trainer.checkpoints import CheckpointStore
 from finetune_trainer.config import ConfigError, RunConfig
+from finetune_trainer.generation import GenerationEval, held_out
 from finetune_trainer.methods import MethodError, ParamCount, apply_method, count_parameters
 from finetune_trainer.models import (
     LocalModel,
@@ -283,6 +284,21 @@ def _evaluate(
     return metrics
 
 
+def _generation_eval(run: RunConfig, prepared: Any, tokenizer: Any) -> GenerationEval | None:
+    """The configured generation eval over the validation split (else the test split)."""
+    spec = run.evaluation.generation if run.evaluation is not None else None
+    if spec is None:
+        return None
+    split = prepared.eval if prepared.eval is not None else prepared.test
+    held = held_out(split, tokenizer, spec.examples)
+    if not held.prompts:
+        raise InvalidInputError(
+            f"evaluation.generation: no held-out example has a prompt and a completion "
+            f"(dataset format {prepared.format}); use alpaca, chat or completion data"
+        )
+    return GenerationEval(held, spec.max_new_tokens)
+
+
 def _publish(out: Path, uri: str) -> None:
     """Copy the finished artifacts to a remote output (checkpoints are already there)."""
     if storage.is_local(uri):
@@ -376,6 +392,12 @@ def execute(run: RunConfig, ctx: RunContext) -> Summary:
         metrics["baseline_eval_loss"] = base["eval_loss"]
         metrics["baseline_perplexity"] = base["eval_perplexity"]
 
+    generation = _generation_eval(run, prepared, tokenizer)
+    if generation is not None:
+        n = len(generation.held.prompts)
+        tracker.phase(Phase.EVALUATING, f"baseline: the untuned model answers {n} prompts")
+        generation.answer_untuned(trainer.model, tokenizer)
+
     resume = store.resume_path()
     if resume:
         log.info("resuming from %s", resume.name)
@@ -413,6 +435,10 @@ def execute(run: RunConfig, ctx: RunContext) -> Summary:
     if prepared.test is not None:
         tracker.phase(Phase.EVALUATING, "test split")
         metrics.update(_evaluate(trainer, trainer.model, prepared.test, "test", base=False))
+    if generation is not None:
+        n = len(generation.held.prompts)
+        tracker.phase(Phase.EVALUATING, f"the tuned model answers {n} prompts")
+        metrics.update(generation.answer_tuned(trainer.model, tokenizer, out))
     metrics = {k: v for k, v in metrics.items() if not k.endswith(("_runtime", "per_second"))}
     metrics.update(
         steps=state.global_step,
@@ -451,6 +477,10 @@ def _summary(
         "baseline_eval_loss",
         "train_loss",
         "test_loss",
+        "generation_rouge_l",
+        "baseline_generation_rouge_l",
+        "generation_bleu",
+        "baseline_generation_bleu",
         "eval_accuracy",
         "test_accuracy",
         "runtime_seconds",
