@@ -47,3 +47,5 @@ def test_example_runs_with_a_tiny_model(
     assert result.exit_code == 0, result.output
     assert (out / "adapter").is_dir()
     assert (out / "metrics.json").exists()
+    if spec.get("evaluation", {}).get("generation"):
+        assert (out / "samples.jsonl").read_text().count("\n") >= 1
