@@ -162,7 +162,7 @@ class GenerationEval:
                 f.write(json.dumps({**row, "baseline_answer": baseline}, ensure_ascii=False))
                 f.write("\n")
         return {
-            "generation_examples": float(len(answers)),
+            "generation_examples": len(answers),
             "generation_rouge_l": tuned["rouge_l"],
             "generation_bleu": tuned["bleu"],
             "baseline_generation_rouge_l": base["rouge_l"],
