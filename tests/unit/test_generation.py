@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+from pathlib import Path
+
 import pytest
-from finetune_trainer.generation import score, split_prompt, tokens
+from finetune_trainer.generation import GenerationEval, HeldOut, score, split_prompt, tokens
 
 
 @pytest.mark.parametrize(
@@ -49,3 +53,71 @@ def test_partial_overlap_scores_between() -> None:
     result = score(["the cat sat on a red mat"], ["the cat sat on the mat"])
     assert 0.5 < result["rouge_l"] < 1.0
     assert 0.0 < result["bleu"] < 100.0
+
+
+class _FakePeftModel:
+    """generate() appends token 5 with the adapter disabled and 7 with it enabled."""
+
+    def __init__(self) -> None:
+        import torch
+
+        self.peft_config: dict[str, object] = {}
+        self.adapter_on = True
+        self.training = True
+        self.seen: list[list[list[int]]] = []
+        self._param = torch.nn.Parameter(torch.zeros(1))
+
+    def parameters(self):  # type: ignore[no-untyped-def]
+        return iter([self._param])
+
+    def eval(self) -> None:
+        self.training = False
+
+    def train(self, mode: bool = True) -> None:
+        self.training = mode
+
+    @contextlib.contextmanager
+    def disable_adapter(self):  # type: ignore[no-untyped-def]
+        self.adapter_on = False
+        try:
+            yield
+        finally:
+            self.adapter_on = True
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, **_):  # type: ignore[no-untyped-def]
+        import torch
+
+        self.seen.append(input_ids.tolist())
+        token = 7 if self.adapter_on else 5
+        new = torch.full((input_ids.shape[0], max_new_tokens), token)
+        return torch.cat([input_ids, new], dim=1)
+
+
+class _Tokenizer:
+    pad_token_id = 0
+    eos_token_id = 1
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return " ".join(str(i) for i in ids)
+
+
+def test_untuned_answers_come_from_the_model_with_its_adapter_disabled(tmp_path: Path) -> None:
+    held = HeldOut(prompts=[[2, 3], [4]], prompt_texts=["p1", "p2"], references=["5 5", "7 7"])
+    model, tokenizer = _FakePeftModel(), _Tokenizer()
+    evaluation = GenerationEval(held, max_new_tokens=2)
+    evaluation.answer_untuned(model, tokenizer)
+    metrics = evaluation.answer_tuned(model, tokenizer, tmp_path)
+
+    assert model.seen[0] == [[2, 3], [0, 4]]  # batched, left-padded with the pad id
+    assert model.training  # put back in training mode
+    assert evaluation.baseline_answers == ["5 5", "5 5"]
+    assert metrics["baseline_generation_rouge_l"] == pytest.approx(0.5)  # right on prompt 1
+    assert metrics["generation_rouge_l"] == pytest.approx(0.5)  # right on prompt 2
+    assert metrics["generation_examples"] == 2
+    rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert rows[1] == {
+        "prompt": "p2",
+        "reference": "7 7",
+        "answer": "7 7",
+        "baseline_answer": "5 5",
+    }

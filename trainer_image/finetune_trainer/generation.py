@@ -9,6 +9,7 @@ tokenizers drop or merge non-Latin text).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from dataclasses import dataclass
@@ -135,12 +136,8 @@ class GenerationEval:
 
     def answer_untuned(self, model: Any, tokenizer: Any) -> None:
         """Answers of the model before training (a PEFT model with its adapter disabled)."""
-        if hasattr(model, "disable_adapter") and hasattr(model, "peft_config"):
-            with model.disable_adapter():
-                self.baseline_answers = generate(
-                    model, tokenizer, self.held.prompts, self.max_new_tokens
-                )
-        else:
+        peft = hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+        with model.disable_adapter() if peft else contextlib.nullcontext():
             self.baseline_answers = generate(
                 model, tokenizer, self.held.prompts, self.max_new_tokens
             )
