@@ -84,6 +84,11 @@ SPEC_RULES: dict[tuple[str, ...], list[dict[str, str]]] = {
             ".output.mergeAdapter",
         ),
         _rule(
+            "!has(self.dataset.mix) || !has(self.task) || self.task == 'causal-lm'",
+            "spec.dataset.mix: only for task causal-lm",
+            ".dataset.mix",
+        ),
+        _rule(
             f"{_NO_GENERATION_EVAL} || !has(self.task) || self.task == 'causal-lm'",
             "spec.evaluation.generation: only for task causal-lm",
             ".evaluation.generation",

@@ -126,6 +126,16 @@ CASES: list[tuple[str, str, str, dict[str, Any], dict[str, Any]]] = [
         spec_with(method={"type": "qlora"}, resources={"gpus": 0}),
     ),
     (
+        "mix-causal-lm",
+        "dataset.mix: only for task causal-lm",
+        ".spec.dataset.mix",
+        spec_with(dataset={"source": "s3://b/t", "mix": [{"source": "s3://b/g", "fraction": 0.2}]}),
+        spec_with(
+            task="sequence-classification",
+            dataset={"source": "s3://b/t", "mix": [{"source": "s3://b/g", "fraction": 0.2}]},
+        ),
+    ),
+    (
         "generation-eval-causal-lm",
         "evaluation.generation: only for task causal-lm",
         ".spec.evaluation.generation",

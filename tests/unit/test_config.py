@@ -296,6 +296,14 @@ INVALID: list[tuple[str, str, Any, str]] = [
         "dataset.validation.source",
     ),
     ("split-neither", "dataset.test", {}, "dataset.test.source"),
+    (
+        "mix-fraction-0",
+        "dataset.mix",
+        [{"source": "s3://b/g", "fraction": 0}],
+        "dataset.mix[0].fraction",
+    ),
+    ("mix-no-source", "dataset.mix", [{"fraction": 0.1}], "dataset.mix[0].source"),
+    ("mix-empty", "dataset.mix", [], "dataset.mix"),
     ("lora-on-full", "method", {"type": "full", "lora": {"r": 8}}, "method.lora"),
     ("prefix-on-lora", "method", {"type": "lora", "prefix": {}}, "method.prefix"),
     ("prompt-on-prefix", "method", {"type": "prefix", "prompt": {}}, "method.prompt"),
@@ -355,6 +363,15 @@ def test_unknown_field_in_a_list_item_suggests_the_items_field() -> None:
 
 CROSS_FIELD: list[tuple[str, dict[str, Any], str, str]] = [
     # (id, overrides of BASE sections, field path, words in the message)
+    (
+        "mix-classification",
+        {
+            "task": "sequence-classification",
+            "dataset": {"source": "s3://b/t", "mix": [{"source": "s3://b/g", "fraction": 0.5}]},
+        },
+        "dataset.mix",
+        "only for task causal-lm",
+    ),
     (
         "generation-eval-no-held-out",
         {"evaluation": {"generation": {}}},

@@ -118,3 +118,54 @@ def test_classification_split_label_counts(tok: Any, tmp_path: Path) -> None:
     assert sum(counts["train"].values()) == 30 and sum(counts["validation"].values()) == 10
     assert set(prepared.eval["labels"]) <= {0, 1}
     assert prepared.stats.train.loss_tokens == 0
+
+
+# --------------------------------------------------------------------------------------------
+# dataset.mix: other sources mixed into training only
+# --------------------------------------------------------------------------------------------
+@pytest.fixture
+def general(tmp_path: Path) -> Path:
+    path = tmp_path / "general.jsonl"
+    rows = [{"prompt": f"G{i}: ", "completion": f"general reply {i}"} for i in range(50)]
+    rows.append({"prompt": "Q3: ", "completion": "answer number 3"})  # also in the task data
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_mix_adds_a_seeded_fraction_to_training_only(tok: Any, data: Path, general: Path) -> None:
+    spec = {"validation": {"splitRatio": 0.2}, "mix": [{"source": str(general), "fraction": 0.25}]}
+    a, b = run(tok, data, seed=1, **spec), run(tok, data, seed=1, **spec)
+    assert (len(a.train), len(a.eval)) == (80 + 20, 20)
+    mixed = [t for t in texts(tok, a.train) if "general reply" in t]
+    assert len(mixed) == 20
+    assert mixed == [t for t in texts(tok, b.train) if "general reply" in t]
+    assert not any("general reply" in t for t in texts(tok, a.eval))
+    assert a.stats.splits["train"].examples == 100
+    assert any("20 records of" in n and "mixed in" in n for n in a.report.notes)
+    assert any("1 records of" in n and "already in" in n for n in a.report.notes)
+
+
+def test_mix_asking_for_more_than_the_source_has_uses_all_and_warns(
+    tok: Any, data: Path, general: Path
+) -> None:
+    prepared = run(tok, data, mix=[{"source": str(general), "fraction": 2.0}])
+    assert len(prepared.train) == 100 + 50  # 51 records, one already in the task data
+    assert any(
+        "200 records asked for" in w and "has 50 usable" in w for w in prepared.report.warnings
+    )
+
+
+def test_a_bad_mix_record_is_named_by_file_and_line(tok: Any, data: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad-general.jsonl"
+    bad.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n{oops\n")
+    with pytest.raises(DatasetError) as info:
+        run(tok, data, mix=[{"source": str(bad), "fraction": 0.1}])
+    assert f"{bad}:2" in str(info.value)
+
+
+def test_mix_records_must_have_the_dataset_format(tok: Any, data: Path, tmp_path: Path) -> None:
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    with pytest.raises(DatasetError) as info:
+        run(tok, data, format="completion", mix=[{"source": str(chat), "fraction": 0.1}])
+    assert f"{chat}:1" in str(info.value)

@@ -132,6 +132,20 @@ class SplitSpec(SpecModel):
         return self
 
 
+class MixSpec(SpecModel):
+    """More training data mixed in, e.g. general instruction data against forgetting."""
+
+    source: Uri = Field(
+        description="File or URI of records in the dataset's format (training only)."
+    )
+    fraction: float = Field(
+        gt=0.0,
+        le=10.0,
+        description="Records to add, as a fraction of the training examples (sampled, seeded; "
+        "at most what the source has).",
+    )
+
+
 class DatasetSpec(SpecModel):
     """Training data: where it is, its format, how it is checked, split and tokenized."""
 
@@ -144,6 +158,12 @@ class DatasetSpec(SpecModel):
     )
     format: DatasetFormat = Field(
         default="auto", description="Record format; auto detects it from the fields."
+    )
+    mix: list[MixSpec] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=8,
+        description="Other sources mixed into the training split only (never into evaluation).",
     )
     validation: SplitSpec | None = Field(default=None, description="Validation split.")
     test: SplitSpec | None = Field(default=None, description="Test split (evaluated at the end).")
@@ -438,6 +458,8 @@ class RunConfig(SpecModel):
             raise ValueError(
                 "dataset.format: classification data needs task sequence-classification"
             )
+        if self.dataset.mix is not None and self.task != "causal-lm":
+            raise ValueError("dataset.mix: only for task causal-lm")
         if self.dataset.padding_free is True and self.method.type in ("prefix", "prompt"):
             raise ValueError(
                 f"dataset.paddingFree: {self.method.type} tuning prepends virtual tokens to "

@@ -8,6 +8,7 @@ all of them (first examples of each kind, with line numbers, and counts).
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,6 +89,18 @@ class _Part:
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def concat(self, other: _Part) -> _Part:
+        """This part's examples followed by `other`'s, under this part's name."""
+        return _Part(
+            self.name,
+            self.records + other.records,
+            self.origins + other.origins,
+            self.keys + other.keys,
+            self.input_ids + other.input_ids,
+            self.masks + other.masks,
+            self.labels + other.labels,
+        )
 
 
 class _Pipeline:
@@ -329,6 +342,41 @@ class _Pipeline:
             part.records, part.origins, part.keys = kept.records, kept.origins, kept.keys
             part.input_ids, part.masks, part.labels = kept.input_ids, kept.masks, kept.labels
 
+    # -- mixing other sources into training -----------------------------------------------------
+    def _load_mixes(self) -> list[_Part]:
+        """Each `dataset.mix` source, read and checked in the dataset's format."""
+        out = []
+        for i, mix in enumerate(self.spec.mix or []):
+            raw = self._load(mix.source)
+            out.append(self._validate(raw, f"mix[{i}]") if raw is not None else _Part("mix"))
+        return out
+
+    def _mix_in(self, train: _Part, mixes: list[_Part], held_out: list[_Part]) -> _Part:
+        """Add a seeded sample of each mix source to the training split: `fraction` x the
+        training examples, leaving out records the training or evaluation data already has."""
+        base = len(train)
+        seen = set(train.keys).union(*(p.keys for p in held_out))
+        for i, (mix, part) in enumerate(zip(self.spec.mix or [], mixes, strict=True)):
+            where = f"dataset.mix[{i}]"
+            fresh = [j for j, key in enumerate(part.keys) if key not in seen]
+            if len(fresh) < len(part):
+                self.report.note(
+                    f"{where}: {len(part) - len(fresh)} records of {mix.source} are already in "
+                    "the training or evaluation data; not mixed in"
+                )
+            want = round(mix.fraction * base)
+            if want > len(fresh):
+                self.report.warn(
+                    f"{where}: {want} records asked for (fraction {mix.fraction} of {base} "
+                    f"training examples), {mix.source} has {len(fresh)} usable; all are used"
+                )
+            picked = sorted(random.Random(self.seed + i).sample(fresh, min(want, len(fresh))))
+            self.report.note(f"{where}: {len(picked)} records of {mix.source} mixed in")
+            sample = part.take(picked, train.name)
+            seen.update(sample.keys)
+            train = train.concat(sample)
+        return train
+
     # -- the whole thing ----------------------------------------------------------------------
     def run(self, build: bool) -> PreparedDataset:
         spec = self.spec
@@ -337,6 +385,7 @@ class _Pipeline:
             raise DatasetError(self.report)
         self._decide_format(raw)
         parts = [self._validate(raw, "train")]
+        mixes = self._load_mixes()
         held: dict[str, SplitSpec] = {}
         for name, split in (("validation", spec.validation), ("test", spec.test)):
             if split is None:
@@ -351,7 +400,7 @@ class _Pipeline:
             self._labels(parts, raw.label_names)
         if self.tokenizer is None:
             self.report.warn("no tokenizer given: token lengths and templates were not checked")
-        for part in parts:
+        for part in parts + mixes:
             self._tokenize(part)
         self._check_leaks(parts)
         if not self.report.ok:
@@ -376,6 +425,8 @@ class _Pipeline:
         elif not len(train):
             self.report.add("split", "no usable training examples are left")
             raise DatasetError(self.report)
+        if mixes:
+            train = self._mix_in(train, mixes, list(by_name.values()))
         for name, part in by_name.items():
             if not len(part):
                 self.report.add("split", f"dataset.{name}: no usable examples are left")
