@@ -72,20 +72,30 @@ def _lm(method: str = "lora", **dataset: object) -> RunConfig:
 
 
 @pytest.mark.parametrize(
-    ("run", "parallel", "flat"),
+    ("run", "parallel", "batch", "flat"),
     [
-        (_lm(), False, True),
-        (_lm(), True, False),  # DataParallel splits rows: one row would all go to GPU 0
-        (_lm(paddingFree=True), True, True),  # explicit wins (the trainer logs a warning)
-        (_lm(packing=True), True, True),
-        (_lm("prefix"), False, False),
+        (_lm(), False, 8, True),
+        (_lm(), True, 8, False),  # DataParallel splits rows: one row would all go to GPU 0
+        (_lm(), False, 1, False),  # one example per batch: no padding to remove
+        (_lm(paddingFree=True), True, 8, True),  # explicit wins (the trainer logs a warning)
+        (_lm(paddingFree=True), False, 1, True),
+        (_lm(packing=True), True, 1, True),
+        (_lm("prefix"), False, 8, False),
     ],
-    ids=["auto", "auto-data-parallel", "explicit", "packing", "prefix"],
+    ids=[
+        "auto",
+        "auto-data-parallel",
+        "auto-batch-1",
+        "explicit",
+        "explicit-batch-1",
+        "packing",
+        "prefix",
+    ],
 )
-def test_padding_free_auto(run: RunConfig, parallel: bool, flat: bool) -> None:
+def test_padding_free_auto(run: RunConfig, parallel: bool, batch: int, flat: bool) -> None:
     from finetune_trainer.runner import padding_free
 
-    assert padding_free(run, parallel) is flat
+    assert padding_free(run, parallel, batch) is flat
 
 
 @pytest.mark.parametrize(

@@ -188,7 +188,8 @@ class DatasetSpec(SpecModel):
         default="auto",
         description="Concatenate each batch into one row with position_ids instead of padding "
         "(varlen attention: flash-attention when installed, else SDPA with a block mask); "
-        "auto: on for causal-lm except prefix/prompt tuning.",
+        "auto: on for causal-lm except prefix/prompt tuning, batch size 1 and several GPUs "
+        "in one process.",
     )
     completion_only_loss: bool | None = Field(
         default=None,

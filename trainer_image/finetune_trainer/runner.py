@@ -85,19 +85,22 @@ def _load_dtype(run: RunConfig, precision: str) -> Any:
     return torch_dtype("fp32")
 
 
-def padding_free(run: RunConfig, data_parallel: bool = False) -> bool:
+def padding_free(
+    run: RunConfig, data_parallel: bool = False, batch_size: int | None = None
+) -> bool:
     """Whether causal-LM batches are concatenated into one row with position_ids (no padding).
 
-    auto: on for causal LM except prefix/prompt tuning (their virtual tokens are per row), and
-    off under `data_parallel` (torch DataParallel splits a batch by rows: one row would all land
-    on the first GPU). Packing implies it. The attention layers see the sequence boundaries
-    through position_ids (flash-attention varlen, or SDPA/eager with a block-diagonal mask)."""
+    auto: on for causal LM except prefix/prompt tuning (their virtual tokens are per row); off
+    under `data_parallel` (torch DataParallel splits a batch by rows: one row would all land
+    on the first GPU) and at `batch_size` 1 (a lone example has no padding to remove). Packing
+    implies it. The attention layers see the sequence boundaries through position_ids
+    (flash-attention varlen, or SDPA/eager with a block-diagonal mask)."""
     if run.task != "causal-lm":
         return False
     if run.dataset.packing:
         return True
     if run.dataset.padding_free == "auto":
-        return run.method.type not in ("prefix", "prompt") and not data_parallel
+        return run.method.type not in ("prefix", "prompt") and not data_parallel and batch_size != 1
     return bool(run.dataset.padding_free)
 
 
@@ -214,7 +217,7 @@ def _build_trainer(
     from trl import SFTConfig, SFTTrainer
 
     parallel = data_parallel(model)
-    flat = padding_free(run, parallel)
+    flat = padding_free(run, parallel, args["per_device_train_batch_size"])
     if flat and parallel:
         log.warning(
             "dataset.paddingFree: true with several GPUs in one process: DataParallel cannot "
