@@ -96,3 +96,28 @@ def test_validate_ok(tiny_model_dir: Path, tmp_path: Path) -> None:
     result = runner.invoke(app, ["validate", str(job)])
     assert result.exit_code == 0, result.output
     assert "dataset OK" in result.output and "alpaca" in result.output
+
+
+def test_validate_checks_the_generation_eval_prompts(tiny_model_dir: Path, tmp_path: Path) -> None:
+    good = _job(
+        tmp_path,
+        tiny_model_dir,
+        REPO / "examples" / "data" / "instructions.jsonl",
+        evaluation={"generation": {"examples": 5}},
+    )
+    result = runner.invoke(app, ["validate", str(good)])
+    assert result.exit_code == 0, result.output
+    assert "generation eval OK: 5 held-out prompts" in result.output
+
+    notes = tmp_path / "notes.jsonl"
+    notes.write_text("".join(json.dumps({"text": f"note {i}"}) + "\n" for i in range(30)))
+    doc = yaml.safe_load(good.read_text())
+    doc["spec"]["dataset"] = {
+        "source": str(notes),
+        "format": "auto",
+        "validation": {"splitRatio": 0.2},
+    }
+    good.write_text(yaml.safe_dump(doc))
+    result = runner.invoke(app, ["validate", str(good)])
+    assert result.exit_code == 65, result.output
+    assert "evaluation.generation" in result.output

@@ -214,9 +214,10 @@ def test_generation_eval_on_text_data_is_invalid_input(
         dataset={"source": str(data), "format": "auto"},
         evaluation={"generation": {"examples": 3}},
     )
-    summary, _, _ = _execute(run)
+    summary, phases, _ = _execute(run)
     assert summary.outcome == Outcome.INVALID_INPUT
     assert "evaluation.generation" in (summary.message or "")
+    assert Phase.LOADING_MODEL not in phases  # found with the data, before any GPU is used
 
 
 def test_classification_with_minilm(minilm_dir: Path, tmp_path: Path) -> None:

@@ -31,6 +31,7 @@ def _run(model_uri: str, out_uri: str, max_steps: int) -> RunConfig:
                 "saveTotalLimit": 1,
                 "learningRate": 0.01,
             },
+            "evaluation": {"generation": {"examples": 2, "maxNewTokens": 4}},
             "output": {"uri": out_uri},
         }
     )
@@ -58,6 +59,7 @@ def test_s3_model_in_outputs_and_checkpoints_out_then_resume_from_s3(
         "history.jsonl",
         "loss.png",
         "README.md",
+        "samples.jsonl",
     ):
         assert f"{out}/{name}" in files
     # saveTotalLimit 1: only the newest complete checkpoint stays on S3, with its marker

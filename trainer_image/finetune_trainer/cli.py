@@ -187,14 +187,20 @@ def validate(file: FileArg, set_: SetOpt = None) -> None:
     Checks the dataset's format, fields, duplicates and lengths.
     Only the tokenizer is loaded, to measure lengths in tokens."""
     from finetune_trainer.models import ModelLoadError, fetch_model
-    from finetune_trainer.runner import InvalidInputError, data_summary, prepare_data
+    from finetune_trainer.runner import (
+        InvalidInputError,
+        data_summary,
+        generation_eval,
+        prepare_data,
+    )
 
     name, run_config = _load(file, set_)
     console.print(f"[green]spec OK[/green]: {name} ({run_config.method.type}, {run_config.task})")
     try:
         with console.status("checking the dataset"):
             local = fetch_model(run_config.model, Path.cwd() / ".finetune-cache")
-            _, prepared = prepare_data(run_config, local)
+            tokenizer, prepared = prepare_data(run_config, local)
+            generation = generation_eval(run_config, prepared, tokenizer)
     except (InvalidInputError, ModelLoadError) as exc:
         console.print("[red]invalid:[/red]")
         console.print(str(exc), markup=False, highlight=False)
@@ -203,6 +209,10 @@ def validate(file: FileArg, set_: SetOpt = None) -> None:
     console.print("\n".join(prepared.stats.render_lines()), markup=False, highlight=False)
     console.print("[green]dataset OK[/green]: ", end="")
     console.print(data_summary(prepared), markup=False, highlight=False)
+    if generation is not None:
+        console.print(
+            f"[green]generation eval OK[/green]: {len(generation.held.prompts)} held-out prompts"
+        )
 
 
 def _load_plugins() -> None:

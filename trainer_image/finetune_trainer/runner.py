@@ -42,7 +42,15 @@ from finetune_trainer.tracker import ProgressTracker
 
 log = logging.getLogger(__name__)
 
-ARTIFACTS = ("adapter", "merged", "metrics.json", "history.jsonl", "loss.png", "README.md")
+ARTIFACTS = (
+    "adapter",
+    "merged",
+    "metrics.json",
+    "history.jsonl",
+    "loss.png",
+    "README.md",
+    "samples.jsonl",
+)
 
 
 class InvalidInputError(Exception):
@@ -287,8 +295,9 @@ def _evaluate(
     return metrics
 
 
-def _generation_eval(run: RunConfig, prepared: Any, tokenizer: Any) -> GenerationEval | None:
-    """The configured generation eval over the validation split (else the test split)."""
+def generation_eval(run: RunConfig, prepared: Any, tokenizer: Any) -> GenerationEval | None:
+    """The configured generation eval over the validation split (else the test split); raises
+    InvalidInputError when no held-out example has a prompt to answer."""
     spec = run.evaluation.generation if run.evaluation is not None else None
     if spec is None:
         return None
@@ -359,6 +368,7 @@ def execute(run: RunConfig, ctx: RunContext) -> Summary:
         line = data_summary(prepared)
         tracker.update(message=line)
         log.info("dataset: %s", line)
+        generation = generation_eval(run, prepared, tokenizer)  # checked before the model loads
 
         device = _device()
         hp = hyper.resolve(run, len(prepared.train), device)
@@ -395,7 +405,6 @@ def execute(run: RunConfig, ctx: RunContext) -> Summary:
         metrics["baseline_eval_loss"] = base["eval_loss"]
         metrics["baseline_perplexity"] = base["eval_perplexity"]
 
-    generation = _generation_eval(run, prepared, tokenizer)
     if generation is not None:
         n = len(generation.held.prompts)
         tracker.phase(Phase.EVALUATING, f"baseline: the untuned model answers {n} prompts")
