@@ -9,12 +9,13 @@ tokenizers drop or merge non-Latin text).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from finetune_trainer.methods import untuned
 
 # a CJK ideograph, kana or hangul syllable is a token of its own; otherwise runs of word chars
 _TOKEN_RE = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]|\w+")
@@ -136,8 +137,7 @@ class GenerationEval:
 
     def answer_untuned(self, model: Any, tokenizer: Any) -> None:
         """Answers of the model before training (a PEFT model with its adapter disabled)."""
-        peft = hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
-        with model.disable_adapter() if peft else contextlib.nullcontext():
+        with untuned(model):
             self.baseline_answers = generate(
                 model, tokenizer, self.held.prompts, self.max_new_tokens
             )

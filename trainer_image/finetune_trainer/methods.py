@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +28,14 @@ class ParamCount:
 
     def __str__(self) -> str:
         return f"trainable params: {self.trainable:,} of {self.total:,} ({self.percent:.4f}%)"
+
+
+def untuned(model: Any) -> AbstractContextManager[Any]:
+    """A context in which `model` acts untuned: a PEFT model with its adapter disabled; any
+    other model as it is."""
+    if hasattr(model, "disable_adapter") and hasattr(model, "peft_config"):
+        return model.disable_adapter()  # type: ignore[no-any-return]
+    return contextlib.nullcontext()
 
 
 def count_parameters(model: Any) -> ParamCount:

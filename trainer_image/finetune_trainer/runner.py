@@ -7,6 +7,7 @@ Errors the user must fix (config, dataset, model source) raise `InvalidInputErro
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -21,7 +22,13 @@ from finetune_trainer.callbacks import PreemptionFlag, RunCallback
 from finetune_trainer.checkpoints import CheckpointStore
 from finetune_trainer.config import ConfigError, RunConfig
 from finetune_trainer.generation import GenerationEval, held_out
-from finetune_trainer.methods import MethodError, ParamCount, apply_method, count_parameters
+from finetune_trainer.methods import (
+    MethodError,
+    ParamCount,
+    apply_method,
+    count_parameters,
+    untuned,
+)
 from finetune_trainer.models import (
     LocalModel,
     ModelLoadError,
@@ -284,11 +291,8 @@ def _evaluate(
     trainer: Any, model: Any, dataset: Any, prefix: str, *, base: bool
 ) -> dict[str, float]:
     """Evaluate on `dataset`; `base` evaluates the untuned model (adapter disabled)."""
-    if base and hasattr(model, "disable_adapter") and hasattr(model, "peft_config"):
-        with model.disable_adapter():
-            metrics: dict[str, float] = trainer.evaluate(dataset, metric_key_prefix=prefix)
-    else:
-        metrics = trainer.evaluate(dataset, metric_key_prefix=prefix)
+    with untuned(model) if base else contextlib.nullcontext():
+        metrics: dict[str, float] = trainer.evaluate(dataset, metric_key_prefix=prefix)
     loss = metrics.get(f"{prefix}_loss")
     if loss is not None:
         metrics[f"{prefix}_perplexity"] = math.exp(min(loss, 50.0))
