@@ -10,6 +10,13 @@ from harness import free_port, operator_runner
 from test_operator_lifecycle import condition, phase, spec
 
 
+def condition_with_reason(cluster, name: str, reason: str) -> dict | None:
+    for c in (cluster.ftj(name) or {}).get("status", {}).get("conditions") or []:
+        if c.get("reason") == reason:
+            return c
+    return None
+
+
 @pytest.mark.parametrize(
     ("fate", "reason", "words"),
     [
@@ -20,14 +27,9 @@ from test_operator_lifecycle import condition, phase, spec
 def test_stuck_pod_reason_is_in_status(cluster, kubelet, operator, fate, reason, words) -> None:
     kubelet.fates["stuck"] = fate
     cluster.apply_ftj("stuck", spec())
-
-    def stuck_condition() -> dict | None:
-        for c in (cluster.ftj("stuck") or {}).get("status", {}).get("conditions") or []:
-            if c.get("reason") == reason:
-                return c
-        return None
-
-    cond = cluster.wait_for(stuck_condition, what=f"a {reason} condition")
+    cond = cluster.wait_for(
+        lambda: condition_with_reason(cluster, "stuck", reason), what=f"a {reason} condition"
+    )
     for word in words:
         assert word in cond["message"]
     assert phase(cluster, "stuck") == "Pending"
@@ -75,11 +77,7 @@ def test_creating_a_job_costs_one_event_and_no_reads(cluster, kubelet, operator)
     cluster.apply_ftj("parked", spec())
     cluster.wait_for(lambda: phase(cluster, "parked") == "Pending", what="Pending")
     cluster.wait_for(
-        lambda: any(
-            c.get("reason") == "Unschedulable"
-            for c in (cluster.ftj("parked") or {}).get("status", {}).get("conditions") or []
-        ),
-        what="Unschedulable",
+        lambda: condition_with_reason(cluster, "parked", "Unschedulable"), what="Unschedulable"
     )
     made = {
         k: v - before.get(k, 0) for k, v in cluster.emulator.counts.items() if v != before.get(k, 0)

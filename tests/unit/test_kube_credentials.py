@@ -115,13 +115,12 @@ def test_expiring_exec_token_is_refreshed_before_a_request(
     user = _counting_exec_plugin(tmp_path, expires)
     monkeypatch.setenv("KUBECONFIG", str(write_kubeconfig(tmp_path / "kc", user)))
 
-    async def token_sent_with_a_request() -> tuple[str, str]:
+    async def token_sent_with_a_request() -> str:
         configuration = await load_configuration()
-        first = configuration.api_key["BearerToken"]
-        assert first == "Bearer token-1"
-        return first, await configuration.get_api_key_with_prefix("BearerToken")
+        assert configuration.api_key["BearerToken"] == "Bearer token-1"
+        return await configuration.get_api_key_with_prefix("BearerToken")
 
-    _, sent = asyncio.run(token_sent_with_a_request())
+    sent = asyncio.run(token_sent_with_a_request())
     assert sent == token_at_next_request
     assert (tmp_path / "runs").read_text() == runs
 
