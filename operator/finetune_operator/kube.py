@@ -157,23 +157,24 @@ class Kube:
             raise error
         return dict(json.loads(data))
 
-    # ---- FineTuneJobs ----------------------------------------------------------------------
-    async def get_finetunejob(self, namespace: str, name: str) -> Obj | None:
+    @staticmethod
+    async def _unless_missing(call: Awaitable[Any]) -> Any | None:
+        """The call's result, or None when the API server answers 404 Not Found."""
         try:
-            return dict(
-                await self.custom.get_namespaced_custom_object(
-                    GROUP,
-                    VERSION,
-                    namespace,
-                    PLURAL,
-                    name,
-                    _request_timeout=REQUEST_TIMEOUT_SECONDS,
-                )
-            )
+            return await call
         except ApiException as exc:
             if exc.status == 404:
                 return None
             raise
+
+    # ---- FineTuneJobs ----------------------------------------------------------------------
+    async def get_finetunejob(self, namespace: str, name: str) -> Obj | None:
+        found = await self._unless_missing(
+            self.custom.get_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURAL, name, _request_timeout=REQUEST_TIMEOUT_SECONDS
+            )
+        )
+        return None if found is None else dict(found)
 
     async def list_finetunejobs(self, namespace: str | None) -> list[Obj]:
         """FineTuneJobs of a namespace, or of all namespaces when namespace is None."""
@@ -203,15 +204,12 @@ class Kube:
 
     async def delete_finetunejob(self, namespace: str, name: str) -> bool:
         """Delete (children go by garbage collection); False when it did not exist."""
-        try:
-            await self.custom.delete_namespaced_custom_object(
+        deleted = await self._unless_missing(
+            self.custom.delete_namespaced_custom_object(
                 GROUP, VERSION, namespace, PLURAL, name, propagation_policy="Background"
             )
-        except ApiException as exc:
-            if exc.status == 404:
-                return False
-            raise
-        return True
+        )
+        return deleted is not None
 
     # ---- children ---------------------------------------------------------------------------
     async def create_child(self, manifest: Obj) -> Obj:
@@ -234,21 +232,15 @@ class Kube:
     async def read_child(self, kind: str, namespace: str, name: str) -> Obj | None:
         """A ConfigMap or Job by name; None when it does not exist."""
         call: Awaitable[Any]
-        try:
-            match kind:
-                case "ConfigMap":
-                    call = self.core.read_namespaced_config_map(
-                        name, namespace, _preload_content=False
-                    )
-                case "Job":
-                    call = self.batch.read_namespaced_job(name, namespace, _preload_content=False)
-                case _:
-                    raise ValueError(f"unsupported kind {kind}")
-            return await self._json(call)
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
+        match kind:
+            case "ConfigMap":
+                call = self.core.read_namespaced_config_map(name, namespace, _preload_content=False)
+            case "Job":
+                call = self.batch.read_namespaced_job(name, namespace, _preload_content=False)
+            case _:
+                raise ValueError(f"unsupported kind {kind}")
+        found: Obj | None = await self._unless_missing(self._json(call))
+        return found
 
     async def patch_job(self, namespace: str, name: str, patch: Obj) -> Obj:
         """Merge-patch a Job (e.g. spec.suspend)."""
