@@ -320,9 +320,9 @@ class Observer:
 
     body: kopf.Body
     spec: FineTuneJobSpec  # re-parsed when the raw spec changes (spec.suspend may)
+    raw_spec: Obj  # what `spec` was parsed from
     status: Obj  # the status as last read or written
     created_job: Obj | None = None  # the Job we created, until the index has it
-    raw_spec: Obj | None = None  # what `spec` was parsed from
 
     @property
     def key(self) -> Key:
@@ -429,8 +429,8 @@ async def observe(**kwargs: Any) -> None:
     observer = Observer(
         body=body,
         spec=spec,
-        status=dict(body.get("status") or {}),
         raw_spec=dict(body.get("spec") or {}),
+        status=dict(body.get("status") or {}),
     )
     interval = STATE.policy.poll_interval_seconds
     try:
