@@ -122,6 +122,7 @@ def _summary_table(summary: Summary) -> Table:
     table.add_column()
     for key, value in (
         ("adapter", summary.adapter_uri),
+        ("model", summary.model_uri),
         ("merged model", summary.merged_model_uri),
         ("steps", summary.steps),
         ("trained tokens", f"{summary.trained_tokens:,}" if summary.trained_tokens else None),
@@ -156,7 +157,7 @@ def run(
     """Fine-tune locally, in this process, with a progress bar and a final summary.
 
     Resumes automatically from the newest complete checkpoint in the output location.
-    Exit codes: 0 succeeded, 65 invalid input, 75 interrupted with a checkpoint saved, 1 failed.
+    Exit codes: 0 succeeded, 65 invalid input, 75 interrupted (running again resumes), 1 failed.
     """
     from finetune_trainer.reporting import exit_code, run_reported
     from finetune_trainer.runner import RunContext

@@ -17,6 +17,7 @@ from finetune_trainer.progress import (
     Phase,
     Summary,
 )
+from finetune_trainer.lock import OutputLockLostError
 from finetune_trainer.runner import InvalidInputError, RunContext, execute
 from finetune_trainer.server import ProgressServer
 
@@ -46,6 +47,8 @@ def exit_code(summary: Summary) -> ExitCode:
 def _failure(exc: BaseException) -> Summary:
     if isinstance(exc, InvalidInputError):
         return Summary(outcome=Outcome.INVALID_INPUT, reason="InvalidInputError", message=str(exc))
+    if isinstance(exc, OutputLockLostError):  # retryable: the other run may be gone by then
+        return Summary(outcome=Outcome.FAILED, reason="OutputLockLost", message=str(exc))
     name = type(exc).__name__
     if "OutOfMemory" in name:
         return Summary(
@@ -66,10 +69,10 @@ def run_reported(run: RunConfig, ctx: RunContext, *, progress_port: int | None) 
         summary = execute(run, ctx)
     except Exception as exc:  # every failure must still produce a summary and an exit code
         summary = _failure(exc)
-        if summary.outcome == Outcome.FAILED:
+        if summary.reason in ("TrainerError", "OutOfMemory"):
             log.error("run failed:\n%s", traceback.format_exc())
         else:
-            log.error("invalid input: %s", exc)
+            log.error("%s: %s", summary.reason, exc)
     final = {
         Outcome.SUCCEEDED: Phase.SUCCEEDED,
         Outcome.PREEMPTED: Phase.PREEMPTED,
