@@ -421,6 +421,17 @@ def test_checkpoints_bounded_and_best_marked() -> None:
     assert [c.best for c in merged] == [True, False, False, False, False]
 
 
+def test_checkpoints_keep_the_best_the_trainer_marked_by_its_metric() -> None:
+    """With earlyStopping on eval_accuracy the best checkpoint is not the lowest loss."""
+    reported = [
+        CheckpointInfo(step=s, uri=f"u/{s}", time=T0, eval_loss=loss, eval_accuracy=acc)
+        for s, loss, acc in ((2, 0.2, 0.6), (4, 0.5, 0.9), (6, 0.4, 0.7), (8, 0.3, 0.8))
+    ]
+    marked = [c.model_copy(update={"best": c.step == 4}) for c in reported]
+    merged = merge_checkpoints([], marked, limit=2)
+    assert [(c.step, c.best) for c in merged] == [(4, True), (8, False)]
+
+
 @pytest.mark.parametrize(
     ("seconds", "text"),
     [(None, None), (5, "5s"), (750, "12m30s"), (3900, "1h05m"), (2 * 86400 + 3 * 3600, "2d03h")],
