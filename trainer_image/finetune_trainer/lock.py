@@ -47,23 +47,32 @@ class OutputLockLostError(Exception):
     """This run's lease lapsed and another run took the output location over."""
 
 
+# Tells this process from an earlier one with the same pid (a restarted container's pid 1).
+_PROCESS = secrets.token_hex(8)
+
+
 @dataclass(frozen=True)
 class Holder:
-    """Who holds a lease."""
+    """Who holds a lease: pid and host, and (remote leases) which process with that pid."""
 
     pid: int
     host: str
+    process: str | None = None
 
     def __str__(self) -> str:
         return f"pid {self.pid} on host {self.host}"
 
+    @property
+    def on_this_host(self) -> bool:
+        """Whether the holder runs (or ran) on this host."""
+        return self.host == socket.gethostname()
+
     def alive_here(self) -> bool | None:
-        """Whether the holder runs on this host (None: another host, cannot tell). Our own
-        pid belongs to an earlier process of this container (pid 1 after a restart)."""
-        if self.host != socket.gethostname():
+        """Whether the holder is a live process on this host (None: another host, unknown)."""
+        if not self.on_this_host:
             return None
         if self.pid == os.getpid():
-            return False
+            return self.process == _PROCESS
         try:
             os.kill(self.pid, 0)
         except ProcessLookupError:
@@ -136,9 +145,10 @@ class ObjectLease:
 
     SETTLE_SECONDS = 1.0  # read back after writing where the store has no conditional writes
 
-    def __init__(self, uri: str, seconds: float) -> None:
+    def __init__(self, uri: str, seconds: float, me: Holder | None = None) -> None:
         self.uri = uri
         self.seconds = seconds
+        self.me = me or Holder(os.getpid(), socket.gethostname(), _PROCESS)
         self._fs, self._path = output_files.filesystem(uri)
         self._conditional = storage.scheme(uri) in ("s3", "s3a")
         self._token = secrets.token_hex(16)
@@ -153,8 +163,9 @@ class ObjectLease:
     # -- the record ---------------------------------------------------------------------------
     def _record(self) -> bytes:
         doc = {
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
+            "pid": self.me.pid,
+            "host": self.me.host,
+            "process": self.me.process,
             "token": self._token,
             "beat": self._beat,
             "leaseSeconds": self.seconds,
@@ -261,7 +272,7 @@ class ObjectLease:
     def _holder_of(self, text: str) -> Holder | None:
         doc = self._parse(text)
         if isinstance(doc.get("pid"), int) and isinstance(doc.get("host"), str):
-            return Holder(doc["pid"], doc["host"])
+            return Holder(doc["pid"], doc["host"], doc.get("process"))
         return None
 
     def holder(self) -> Holder | None:
@@ -324,7 +335,7 @@ def hold_output(
             f"output.uri: {uri} is in use by another run ({holder or 'unknown holder'}); wait "
             "for it to finish, or choose another output.uri (--output locally)"
         )
-        if holder is not None and holder.alive_here():
+        if holder is not None and holder.on_this_host:  # a dead one would have been replaced
             raise OutputLockedError(refusal)
         wait = 2 * seconds
         on_wait(f"{uri} is locked by {holder or 'another run'}: waiting up to {wait:.0f} s")
