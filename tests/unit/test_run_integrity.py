@@ -214,3 +214,105 @@ def test_a_stop_before_training_says_what_happened_and_a_resume_where_from(
     assert (Phase.LOADING_MODEL, "resuming from checkpoint-2") in messages
     assert (Phase.TRAINING, "resumed from checkpoint-2") in messages
     assert [r["step"] for r in _rows(out) if "loss" in r] == [1, 2, 3, 4]
+
+
+def _reviews(path: Path) -> Path:
+    good = ["a wonderful, moving film", "great acting and a clever plot", "loved every minute"]
+    bad = ["a dull, lifeless mess", "terrible script and wooden acting", "boring from start to end"]
+    rows = [{"text": f"{t} ({i})", "label": "fresh"} for i in range(10) for t in good]
+    rows += [{"text": f"{t} ({i})", "label": "rotten"} for i in range(10) for t in bad]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def _classifier(model_dir: Path, data: Path, out: Path, **training: Any) -> dict[str, Any]:
+    return {
+        "model": {"source": str(model_dir)},
+        "task": "sequence-classification",
+        "dataset": {
+            "source": str(data),
+            "format": "classification",
+            "maxSeqLength": 64,
+            "validation": {"splitRatio": 0.2},
+            "test": {"splitRatio": 0.2},
+        },
+        "method": {"type": "lora", "lora": {"r": 8, "targetModules": ["query", "value"]}},
+        "training": {"maxSteps": 2, "batchSize": 8, "learningRate": 0.005, **training},
+        "output": {"uri": str(out)},
+    }
+
+
+def _weights(directory: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    return load_file(directory / "adapter_model.safetensors")
+
+
+def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
+
+
+def test_the_same_seed_gives_the_same_weights(
+    tiny_model_dir: Path, minilm_dir: Path, tmp_path: Path
+) -> None:
+    """The seed reaches the adapter's and the new classification head's initialisation."""
+    lora = [
+        _doc(tiny_model_dir, tmp_path / f"lm{i}", maxSteps=2, seed=s)
+        for i, s in enumerate((42, 42, 7))
+    ]
+    for doc in lora:
+        assert _execute(doc)[0].outcome == Outcome.SUCCEEDED
+    first, again, other = (_weights(tmp_path / f"lm{i}" / "adapter") for i in range(3))
+    assert _same(first, again)
+    assert not _same(first, other)
+
+    data = _reviews(tmp_path / "reviews.jsonl")
+    for name in ("cls0", "cls1"):
+        summary, _ = _execute(_classifier(minilm_dir, data, tmp_path / name))
+        assert summary.outcome == Outcome.SUCCEEDED, summary.message
+    a, b = (_weights(tmp_path / name / "adapter") for name in ("cls0", "cls1"))
+    assert any("classifier" in k for k in a)  # the new head is saved with the adapter
+    assert _same(a, b)
+
+
+def test_a_classifier_reports_accuracy_and_keeps_the_most_accurate_checkpoint(
+    minilm_dir: Path, tmp_path: Path
+) -> None:
+    import logging
+
+    warnings: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: warnings.append(record.getMessage())  # type: ignore[method-assign]
+    transformers_log = logging.getLogger("transformers")
+    transformers_log.addHandler(handler)
+    out = tmp_path / "out"
+    doc = _classifier(
+        minilm_dir,
+        _reviews(tmp_path / "reviews.jsonl"),
+        out,
+        maxSteps=8,
+        evalSteps=2,
+        saveSteps=2,
+        saveTotalLimit=1,
+        earlyStopping={"patience": 10, "metric": "eval_accuracy"},
+    )
+    try:
+        summary, seen = _execute(doc)
+    finally:
+        transformers_log.removeHandler(handler)
+    assert summary.outcome == Outcome.SUCCEEDED, summary.message
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("baseline_eval_accuracy", "eval_accuracy", "test_accuracy"):
+        assert 0.0 <= metrics[key] <= 1.0
+    assert summary.metrics["baseline_eval_accuracy"] == metrics["baseline_eval_accuracy"]
+    assert not [k for k in metrics if "perplexity" in k or "preparation_time" in k]
+    assert "epoch" not in metrics and metrics["epochs"] > 0
+    assert not [w for w in warnings if "early stopping" in w.lower()]
+    # every evaluation's accuracy is recorded; the best checkpoint is the most accurate
+    history = {r["step"]: r["eval_accuracy"] for r in _rows(out) if "eval_accuracy" in r}
+    checkpoints = seen[-1].checkpoints
+    assert all(c.eval_accuracy == history[c.step] for c in checkpoints)
+    best = [c for c in checkpoints if c.best]
+    evaluated = {s: a for s, a in history.items() if s > 0}
+    top = max(evaluated.values())
+    assert len(best) == 1 and best[0].step == min(s for s, a in evaluated.items() if a == top)
