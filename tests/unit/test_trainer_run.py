@@ -72,6 +72,8 @@ def test_method_trains_and_writes_loadable_artifacts(
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 4
     assert metrics["trained_tokens"] > 0
+    # the estimate follows maxSteps (4 steps, a fraction of an epoch), not `epochs: auto` (3)
+    assert 0.5 < metrics["estimated_trained_tokens"] / metrics["trained_tokens"] < 2
     assert 0 < metrics["trainable_params"] <= metrics["total_params"]
     assert {"eval_loss", "baseline_eval_loss", "eval_perplexity", "train_loss"} <= metrics.keys()
     assert (out / "loss.png").read_bytes().startswith(b"\x89PNG")
