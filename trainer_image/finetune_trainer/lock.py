@@ -115,8 +115,8 @@ class FileLease:
 
         try:
             self._lock.acquire(timeout=timeout, poll_interval=min(0.5, max(timeout / 10, 0.05)))
-        except filelock.Timeout:
-            return False
+        except (filelock.Timeout, filelock.LeaseSettingsMismatch):  # the latter: held by a
+            return False  # trainer with another lease period, which never expires for us
         return True
 
     def holder(self) -> Holder | None:
@@ -193,7 +193,7 @@ class ObjectLease:
         kwargs: dict[str, Any] = {}
         if create:
             kwargs["mode"] = "create"
-        elif self._conditional:
+        else:
             kwargs["IfMatch"] = version
         try:
             self._fs.pipe_file(self._path, self._record(), **kwargs)
@@ -223,7 +223,7 @@ class ObjectLease:
         if not dead and now - self._seen[1] < self.seconds:
             return False
         log.warning("taking over the %s lease %s", "dead" if dead else "expired", self.uri)
-        if not self._conditional:
+        if version is None:  # no conditional overwrite: delete, then create (checked after)
             self._fs.rm(self._path)
             return self._write(create=True)
         return self._write(create=False, version=version)
@@ -243,7 +243,7 @@ class ObjectLease:
     def _renew(self) -> bool:
         """Write a new beat over our own lease; False when it is no longer ours."""
         self._beat += 1
-        if self._conditional:
+        if self._version is not None:
             return self._write(create=False, version=self._version)
         current = self._read()
         if current is None or self._parse(current[0]).get("token") != self._token:

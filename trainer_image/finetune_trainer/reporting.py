@@ -9,6 +9,7 @@ import traceback
 from pathlib import Path
 
 from finetune_trainer.config import RunConfig
+from finetune_trainer.lock import OutputLockLostError
 from finetune_trainer.progress import (
     ENV_TERMINATION_PATH,
     TERMINATION_MESSAGE_PATH,
@@ -17,7 +18,6 @@ from finetune_trainer.progress import (
     Phase,
     Summary,
 )
-from finetune_trainer.lock import OutputLockLostError
 from finetune_trainer.runner import InvalidInputError, RunContext, execute
 from finetune_trainer.server import ProgressServer
 
