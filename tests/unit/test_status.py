@@ -421,6 +421,16 @@ def test_checkpoints_bounded_and_best_marked() -> None:
     assert [c.best for c in merged] == [True, False, False, False, False]
 
 
+def test_a_full_fine_tune_reports_its_model_not_an_adapter() -> None:
+    case = next(c for c in CASES if c[0] == "succeeded")
+    full = OK.model_copy(update={"adapter_uri": None, "model_uri": "s3://b/out/model"})
+    status = derive_status(SPEC, case[1], case[2], None, full, FineTuneJobStatus(), T1, 1)
+    assert status.result is not None
+    assert (status.result.model_uri, status.result.adapter_uri) == ("s3://b/out/model", None)
+    succeeded = next(c for c in status.conditions if c.type == "Succeeded")
+    assert succeeded.message == "training finished; model at s3://b/out/model"
+
+
 def test_checkpoints_keep_the_best_the_trainer_marked_by_its_metric() -> None:
     """With earlyStopping on eval_accuracy the best checkpoint is not the lowest loss."""
     reported = [
