@@ -163,3 +163,6 @@ def test_check_refuses_another_run_and_unfingerprinted_checkpoints(tmp_path: Pat
     assert message.startswith(f"output.uri: {out} holds a different run")
     assert "training.learningRate 0.01 -> 0.02" in message
     assert f"delete {out} to start over" in message and "another output.uri" in message
+    (Path(out) / "fingerprint.json").write_text("{not json")
+    with pytest.raises(fingerprint.DifferentRunError, match=r"unreadable fingerprint\.json"):
+        fingerprint.check(out, first, has_checkpoints=False)

@@ -137,17 +137,27 @@ def of_run(run: RunConfig, prepared: Any) -> Fingerprint:
     return Fingerprint(fields)
 
 
+def _start_over(output_uri: str) -> str:
+    return f"choose another output.uri (--output locally), or delete {output_uri} to start over"
+
+
 def stored(output_uri: str) -> Fingerprint | None:
     """The fingerprint recorded in the output location, if any."""
     text = output_files.read_text(output_files.join(output_uri, FILE))
-    return Fingerprint.from_json(text) if text is not None else None
+    if text is None:
+        return None
+    try:
+        return Fingerprint.from_json(text)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DifferentRunError(
+            f"output.uri: {output_uri} holds an unreadable {FILE} ({exc}), so it may be another "
+            f"run's; {_start_over(output_uri)}"
+        ) from None
 
 
 def check(output_uri: str, fingerprint: Fingerprint, *, has_checkpoints: bool) -> None:
     """Raise DifferentRunError unless the output is empty of runs or holds this same run."""
-    start_over = (
-        f"choose another output.uri (--output locally), or delete {output_uri} to start over"
-    )
+    start_over = _start_over(output_uri)
     previous = stored(output_uri)
     if previous is None:
         if has_checkpoints:

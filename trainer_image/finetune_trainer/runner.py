@@ -25,7 +25,7 @@ from finetune_trainer.checkpoints import BestMetric, CheckpointStore
 from finetune_trainer.config import ConfigError, RunConfig
 from finetune_trainer.generation import GenerationEval, held_out
 from finetune_trainer.history import History
-from finetune_trainer.lock import LEASE_SECONDS, OutputLock, OutputLockedError, hold_output
+from finetune_trainer.lock import OutputLock, OutputLockedError, hold_output
 from finetune_trainer.methods import (
     MethodError,
     ParamCount,
@@ -81,7 +81,6 @@ class RunContext:
     tracker: ProgressTracker = field(default_factory=ProgressTracker)
     preemption: PreemptionFlag = field(default_factory=PreemptionFlag)
     scratch: Path | None = None
-    lock_seconds: float = LEASE_SECONDS  # how long the lock of a crashed run blocks its output
 
 
 def _device() -> str:
@@ -616,7 +615,7 @@ def execute(run: RunConfig, ctx: RunContext) -> Summary:
 
     try:
         # the writing process alone (rank 0 under torchrun) holds the output
-        with hold_output(run.output.uri, out, seconds=ctx.lock_seconds, on_wait=on_wait) as lock:
+        with hold_output(run.output.uri, out, on_wait=on_wait) as lock:
             return _execute_holding(run, ctx, out, lock)
     except OutputLockedError as exc:
         raise InvalidInputError(str(exc)) from exc
