@@ -527,10 +527,12 @@ def _stopped_before_training(run: RunConfig, ctx: RunContext, store: CheckpointS
         if newest is not None
         else "no checkpoint yet; running again starts from scratch"
     )
+    message = f"stopped while {activity}: nothing lost; {next_run}"
+    ctx.tracker.phase(Phase.PREEMPTED, message)
     return Summary(
         outcome=Outcome.PREEMPTED,
         reason="Preempted",
-        message=f"stopped while {activity}: nothing lost; {next_run}",
+        message=message,
         output_uri=run.output.uri,
         last_checkpoint=newest,
         steps=newest.step if newest is not None else 0,
@@ -538,7 +540,11 @@ def _stopped_before_training(run: RunConfig, ctx: RunContext, store: CheckpointS
 
 
 def _preempted(
-    run: RunConfig, state: Any, checkpoints: list[CheckpointInfo], resumed: str | None
+    run: RunConfig,
+    ctx: RunContext,
+    state: Any,
+    checkpoints: list[CheckpointInfo],
+    resumed: str | None,
 ) -> Summary:
     """Stopped during training: the checkpoint saved at the stop is the one to resume from."""
     newest = checkpoints[-1] if checkpoints else None
@@ -548,10 +554,12 @@ def _preempted(
         else "no checkpoint was saved; running again starts from scratch"
     )
     since = f" (resumed from {resumed})" if resumed else ""
+    message = f"stopped at step {state.global_step} of {state.max_steps}{since}; {next_run}"
+    ctx.tracker.phase(Phase.PREEMPTED, message)
     return Summary(
         outcome=Outcome.PREEMPTED,
         reason="Preempted",
-        message=f"stopped at step {state.global_step} of {state.max_steps}{since}; {next_run}",
+        message=message,
         output_uri=run.output.uri,
         last_checkpoint=newest,
         steps=state.global_step,
@@ -621,47 +629,32 @@ def execute(run: RunConfig, ctx: RunContext) -> Summary:
         raise InvalidInputError(str(exc)) from exc
 
 
-def _execute_holding(run: RunConfig, ctx: RunContext, out: Path, lock: OutputLock) -> Summary:
-    """`execute` once the output location is this run's."""
+def _trainer(
+    run: RunConfig,
+    ctx: RunContext,
+    data: _Data,
+    built: _Model,
+    store: CheckpointStore,
+    history: History,
+    lock: OutputLock,
+) -> Any:
+    """The Trainer of the run, reporting through RunCallback."""
     from transformers import PrinterCallback
 
-    started = time.monotonic()
-    store = CheckpointStore(run.output.uri, out, best_metric(run))
-    try:
-        data = _load_data(run, ctx, out)
-        identity = fingerprint.of_run(run, data.prepared)
-        _check_same_run(run, identity, store)
-        ctx.preemption.check()
-        built = _load_model(run, ctx, data)
-        ctx.preemption.check()
-        history = History(out / "history.jsonl")
-        callback = RunCallback(ctx.tracker, store, history, ctx.preemption, lock)
-        args = _training_args(
-            run,
-            built.hp,
-            built.batch_size,
-            store.local_dir,
-            data.prepared.eval is not None,
-            built.device,
-        )
-        trainer = _build_trainer(run, built.model, data.tokenizer, data.prepared, args, [callback])
-        trainer.remove_callback(PrinterCallback)  # RunCallback logs each step once, as text
-        metrics = _baseline(run, ctx, trainer, data, history)
-        ctx.preemption.check()
-        fingerprint.record(run.output.uri, identity)
-        result, resumed = _train(run, ctx, trainer, store, history)
-        state = trainer.state
-        checkpoints = store.complete()
-        if ctx.preemption.is_set and result is not None:
-            summary = _preempted(run, state, checkpoints, resumed)
-            ctx.tracker.phase(Phase.PREEMPTED, summary.message)
-            return summary
-        metrics.update(_final_metrics(run, ctx, trainer, data, out))
-    except StopRequestedError:
-        summary = _stopped_before_training(run, ctx, store)
-        ctx.tracker.phase(Phase.PREEMPTED, summary.message)
-        return summary
+    callback = RunCallback(ctx.tracker, store, history, ctx.preemption, lock)
+    has_eval = data.prepared.eval is not None
+    args = _training_args(run, built.hp, built.batch_size, store.local_dir, has_eval, built.device)
+    trainer = _build_trainer(run, built.model, data.tokenizer, data.prepared, args, [callback])
+    trainer.remove_callback(PrinterCallback)  # RunCallback logs each step once, as text
+    return trainer
 
+
+def _run_metrics(
+    trainer: Any, result: Any, resumed: str | None, built: _Model, data: _Data, started: float
+) -> dict[str, Any]:
+    """The whole run's train loss, steps, tokens, parameters and runtime."""
+    state = trainer.state
+    metrics: dict[str, Any] = {}
     train_loss = (
         result.training_loss
         if result is not None and not resumed
@@ -680,8 +673,34 @@ def _execute_holding(run: RunConfig, ctx: RunContext, out: Path, lock: OutputLoc
             planned_epochs(trainer, built.hp.epochs)
         ),
     )
+    return metrics
+
+
+def _execute_holding(run: RunConfig, ctx: RunContext, out: Path, lock: OutputLock) -> Summary:
+    """`execute` once the output location is this run's."""
+    started = time.monotonic()
+    store = CheckpointStore(run.output.uri, out, best_metric(run))
+    try:
+        data = _load_data(run, ctx, out)
+        identity = fingerprint.of_run(run, data.prepared)
+        _check_same_run(run, identity, store)
+        ctx.preemption.check()
+        built = _load_model(run, ctx, data)
+        ctx.preemption.check()
+        history = History(out / "history.jsonl")
+        trainer = _trainer(run, ctx, data, built, store, history, lock)
+        metrics = _baseline(run, ctx, trainer, data, history)
+        ctx.preemption.check()
+        fingerprint.record(run.output.uri, identity)  # from here on the output holds this run
+        result, resumed = _train(run, ctx, trainer, store, history)
+        if ctx.preemption.is_set and result is not None:
+            return _preempted(run, ctx, trainer.state, store.complete(), resumed)
+        metrics.update(_final_metrics(run, ctx, trainer, data, out))
+    except StopRequestedError:
+        return _stopped_before_training(run, ctx, store)
+    metrics.update(_run_metrics(trainer, result, resumed, built, data, started))
     merged_uri = _save_outputs(run, ctx, trainer, data, metrics, out, lock)
-    return _summary(run, metrics, built.params, checkpoints, merged_uri, resumed)
+    return _summary(run, metrics, built.params, store.complete(), merged_uri, resumed)
 
 
 def _summary(
