@@ -3,7 +3,7 @@ and of the training data's content, stored as `fingerprint.json` in the output.
 
 A run resumes from (or republishes) an output only when the fingerprints are equal; a run of a
 different config or different data is refused, so two runs are never mixed. What counts as
-training-relevant is listed in docs/training.md ("Which changes make a different run").
+training-relevant is listed in docs/training.md ("Resume only the same run").
 """
 
 from __future__ import annotations
