@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 from finetune_trainer.config import DatasetSpec
-from finetune_trainer.data import DatasetError, prepare_dataset, validate_dataset
+from finetune_trainer.data import DatasetError, prepare_dataset
 from finetune_trainer.data.report import MAX_EXAMPLES
 
 
@@ -65,10 +65,12 @@ def test_every_problem_with_its_line(tmp_path: Path, tok: Any) -> None:
     assert lines_of(report, "missing_field") == [5]
     assert lines_of(report, "empty_field") == [6]
     assert lines_of(report, "wrong_type") == [7]
-    # duplicates are soft: reported, not in the error message
+    # duplicates are soft (dropped, not errors) and reported with the errors all the same
     assert lines_of(report, "duplicate") == [8]
     assert report.groups["duplicate"].severity == "warning"
-    assert "duplicate" not in message
+    handled = message.index("Also found (handled as configured, not errors):")
+    assert message.index(f"{f}:8: same as {f}:1") > handled
+    assert "- duplicate record (1) (dropped)" in message
     data = report.to_dict()
     json.dumps(data)
     assert data["ok"] is False
@@ -234,19 +236,3 @@ def test_validation_source_errors_are_reported_too(tmp_path: Path, tok: Any) -> 
     val.write_text(ok(10) + "\n" + json.dumps({"instruction": "x"}) + "\n")
     err = fail(tok, train, validation={"source": str(val)})
     assert f"{val}:2: field 'output' is missing" in str(err)
-
-
-def test_validate_dataset_never_raises(tmp_path: Path, tok: Any) -> None:
-    path = tmp_path / "t.jsonl"
-    path.write_text(ok(1) + "\n{bad\n" + ok(2) + "\n")
-    spec = DatasetSpec(source=str(path))
-    report = validate_dataset(spec, "causal-lm", tok)
-    assert not report.ok and lines_of(report, "malformed") == [2]
-    assert "INVALID" in report.render()
-    # without a tokenizer: structure only, with a warning
-    path.write_text(ok(1) + "\n" + ok(2) + "\n")
-    report = validate_dataset(spec, "causal-lm")
-    assert report.ok and any("no tokenizer" in w for w in report.warnings)
-    assert report.stats.train.examples == 2
-    rendered = report.render()
-    assert "Format: alpaca" in rendered and rendered.endswith("OK")

@@ -43,8 +43,9 @@ def test_bare_run_config_errors_name_the_field(tmp_path: Path) -> None:
 def test_manifest_errors_are_prefixed_with_spec(tmp_path: Path) -> None:
     path = tmp_path / "job.yaml"
     path.write_text(
-        "kind: FineTuneJob\nmetadata: {name: x}\nspec:\n  model: {source: ./m}\n"
-        "  dataset: {source: d.jsonl}\n  output: {uri: out}\n  method: {type: full, lora: {r: 4}}\n"
+        "apiVersion: finetune.dev/v1alpha1\nkind: FineTuneJob\nmetadata: {name: x}\nspec:\n"
+        "  model: {source: ./m}\n  dataset: {source: d.jsonl}\n  output: {uri: pvc://o/x}\n"
+        "  method: {type: full, lora: {r: 4}}\n"
     )
     with pytest.raises(ConfigError) as err:
         load_run(path)

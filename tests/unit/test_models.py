@@ -58,7 +58,9 @@ def test_hf_source_missing_offline_is_a_model_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _offline_hub(monkeypatch, tmp_path / "empty")
-    with pytest.raises(ModelLoadError, match=r"model.source: cannot download hf://acme/none"):
+    with pytest.raises(
+        ModelLoadError, match=r"model.source: hf://acme/none: HF_HUB_OFFLINE is set"
+    ):
         fetch_model(ModelSpec(source="hf://acme/none"), tmp_path)
 
 

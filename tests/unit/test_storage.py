@@ -103,7 +103,9 @@ def test_local_download_and_upload(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     out = tmp_path / "pvc" / "outputs" / "run1" / "adapter"
     assert (out / "sub" / "b.txt").read_text() == "b"
     assert storage.download("pvc://outputs/run1/adapter", tmp_path / "unused") == out
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(
+        storage.StorageError, match=r"pvc://outputs/missing \(resolved to .*\): not found"
+    ):
         storage.download("pvc://outputs/missing", tmp_path / "unused")
 
 
@@ -129,7 +131,7 @@ def test_s3_upload_download_roundtrip(s3: str, tmp_path: Path) -> None:
         assert json.load(handle) == {"a": 1}
     storage.upload(src / "config.json", f"{s3}/single/config.json")
     assert storage.exists(f"{s3}/single/config.json")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(storage.StorageError, match=r"here\.bin: not found"):
         storage.download(f"{s3}/nothing/here.bin", tmp_path / "x")
 
 

@@ -596,6 +596,27 @@ def parse_run_config(data: dict[str, Any], prefix: str = "") -> RunConfig:
         raise ConfigError(format_errors(exc, prefix, RunConfig)) from None
 
 
+#: Kubernetes object names (metadata.name): a DNS-1123 subdomain of at most 253 characters.
+OBJECT_NAME_MAX = 253
+OBJECT_NAME_RE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+
+
+def object_name_error(name: object) -> str | None:
+    """Why `name` is not a valid metadata.name, as the API server checks it; None if valid."""
+    if name is None or name == "":
+        return "required: a lowercase DNS name such as my-run-1"
+    if not isinstance(name, str):
+        return "must be a string: a lowercase DNS name such as my-run-1"
+    if len(name) > OBJECT_NAME_MAX:
+        return f"{len(name)} characters; at most {OBJECT_NAME_MAX}"
+    if not OBJECT_NAME_RE.fullmatch(name):
+        return (
+            "must be a lowercase DNS name: a-z, 0-9, '-' and '.', starting and ending with a "
+            "letter or digit (e.g. my-run-1)"
+        )
+    return None
+
+
 def run_field_names() -> set[str]:
     """The camelCase keys of a RunConfig (to tell run fields from placement fields)."""
     return {f.alias or name for name, f in RunConfig.model_fields.items()}
