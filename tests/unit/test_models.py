@@ -4,10 +4,14 @@ pkg://, .gguf files, and the errors users see."""
 from __future__ import annotations
 
 import shutil
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fake_servers import FakeServer
 from finetune_trainer.config import ModelSpec
+from finetune_trainer.errors import InvalidInputError, TransientError
 from finetune_trainer.models import LocalModel, ModelLoadError, fetch_model
 
 REVISION = "0123456789abcdef0123456789abcdef01234567"
@@ -107,3 +111,69 @@ def test_trust_remote_code_is_passed_only_when_set(
     load_tokenizer(LocalModel(tiny_model_dir), ModelSpec(source="x"))
     load_tokenizer(LocalModel(tiny_model_dir), ModelSpec(source="x", trustRemoteCode=True))
     assert calls == [False, True]
+
+
+# -- the Hub failing: input problems (exit 65) vs outages (retryable) --------------------------
+@pytest.fixture
+def fake_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeServer]:
+    """The Hub client pointed at a FakeServer (its HF_ENDPOINT), with an empty cache, online."""
+    from huggingface_hub import constants
+
+    hub = FakeServer()
+    monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("FINETUNE_HUB_TIMEOUT", "1")
+    yield hub
+    hub.close()
+
+
+@pytest.mark.parametrize("status", [500, 502, 503, 429])
+def test_hub_server_errors_are_transient(status: int, fake_hub: FakeServer, tmp_path: Path) -> None:
+    fake_hub.status = status
+    with pytest.raises(TransientError) as err:
+        fetch_model(ModelSpec(source="hf://acme/tiny"), tmp_path)
+    message = str(err.value)
+    assert message.startswith("model.source: hf://acme/tiny: ")
+    assert f"answered {status}" in message and "transient" in message
+    assert fake_hub.requests >= 1
+    assert not isinstance(err.value, InvalidInputError)
+
+
+def test_a_hung_hub_times_out_as_transient(fake_hub: FakeServer, tmp_path: Path) -> None:
+    fake_hub.status = None  # accepts the connection, never answers
+    started = time.monotonic()
+    with pytest.raises(TransientError, match=r"model.source: hf://acme/tiny: unreachable"):
+        fetch_model(ModelSpec(source="hf://acme/tiny"), tmp_path)
+    assert time.monotonic() - started < 15  # FINETUNE_HUB_TIMEOUT=1, not forever
+
+
+def test_a_hub_refusing_connections_is_transient(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from conftest import free_port
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    with pytest.raises(TransientError, match=r"unreachable \(ConnectError"):
+        fetch_model(ModelSpec(source="hf://acme/tiny"), tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("status", "says"),
+    [
+        (404, "not found on the Hugging Face Hub (a private repository needs a token"),
+        (401, "access denied (401): check the token"),
+        (403, "access denied (403): check the token"),
+    ],
+)
+def test_missing_or_forbidden_hub_models_are_input_errors(
+    status: int, says: str, fake_hub: FakeServer, tmp_path: Path
+) -> None:
+    fake_hub.status = status
+    with pytest.raises(ModelLoadError) as err:
+        fetch_model(ModelSpec(source="hf://acme/tiny"), tmp_path)
+    assert str(err.value).startswith(f"model.source: hf://acme/tiny: {says}")
+    assert "\n" not in str(err.value)
