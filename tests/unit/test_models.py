@@ -177,3 +177,36 @@ def test_missing_or_forbidden_hub_models_are_input_errors(
         fetch_model(ModelSpec(source="hf://acme/tiny"), tmp_path)
     assert str(err.value).startswith(f"model.source: hf://acme/tiny: {says}")
     assert "\n" not in str(err.value)
+
+
+def test_a_classifier_says_its_head_is_new_instead_of_the_library_load_report(
+    tiny_model_dir: Path, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+) -> None:
+    import logging
+
+    import torch
+    from finetune_trainer.config import RunConfig
+    from finetune_trainer.models import load_model
+
+    run = RunConfig.model_validate(
+        {
+            "model": {"source": str(tiny_model_dir)},
+            "task": "sequence-classification",
+            "dataset": {"source": "d.jsonl"},
+            "output": {"uri": "out"},
+        }
+    )
+    with caplog.at_level(logging.INFO, logger="finetune_trainer.models"):
+        model = load_model(
+            LocalModel(tiny_model_dir), run, dtype=torch.float32, label_names=["neg", "pos"]
+        )
+    assert model.config.num_labels == 2
+    said = [r.getMessage() for r in caplog.records if r.name == "finetune_trainer.models"]
+    assert any(
+        m.startswith("a new classification head (score) is initialised for the 2 labels neg, pos")
+        for m in said
+    ), said
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not warned
+    out, err = capfd.readouterr()
+    assert "LOAD REPORT" not in out + err and "MISSING" not in out + err

@@ -231,6 +231,7 @@ class DatasetSpec(SpecModel):
 MethodType = Literal["full", "lora", "dora", "qlora", "prefix", "prompt", "ia3"]
 LORA_METHODS = ("lora", "dora", "qlora")
 PEFT_METHODS = ("lora", "dora", "qlora", "prefix", "prompt", "ia3")
+VIRTUAL_TOKEN_METHODS = ("prefix", "prompt")
 ALL_LINEAR = "all-linear"
 
 
@@ -482,7 +483,30 @@ class RunConfig(SpecModel):
                 "training.earlyStopping.metric: eval_accuracy is only computed for "
                 "sequence-classification"
             )
+        self._check_virtual_tokens()
         return self
+
+    def _check_virtual_tokens(self) -> None:
+        """What prefix and prompt tuning cannot do (each found by running it on tiny models)."""
+        kind = self.method.type
+        if kind not in VIRTUAL_TOKEN_METHODS:
+            return
+        if self.task != "causal-lm":
+            raise ValueError(
+                f"method.type: {kind} tuning trains causal-lm only (PEFT cannot run it in front "
+                "of a classification head); use lora, dora, ia3 or full for "
+                "sequence-classification"
+            )
+        if self.training.precision in ("bf16", "fp16"):
+            raise ValueError(
+                f"training.precision: {kind} tuning runs in fp32 (mixed precision breaks the "
+                "trainer's fused LM head for virtual tokens); set it to fp32 or auto"
+            )
+        if kind == "prefix" and self.training.gradient_checkpointing is True:
+            raise ValueError(
+                "training.gradientCheckpointing: prefix tuning cannot recompute activations "
+                "(its key/value cache is not checkpointable in PEFT); set it to false or auto"
+            )
 
     def _check_generation_eval(self) -> None:
         if self.task != "causal-lm":

@@ -253,24 +253,31 @@ def kbit_device_error(run: RunConfig) -> str | None:
     )
 
 
+#: Loggers whose load-time reports read like errors to a first-time user (the LOAD REPORT table
+#: of missing/unexpected weights, the tensor-parallel plan check); `_report_loading` says what
+#: matters instead.
+LOAD_REPORT_LOGGERS = ("transformers.modeling_utils", "transformers.distributed.tensor_parallel")
+
+
 @contextmanager
 def _library_load_report_hidden() -> Iterator[None]:
-    """Keep transformers' LOAD REPORT (a table of missing/unexpected weights, logged as a
-    warning) out of the output unless debugging: `_report_loading` says what matters."""
-    library = logging.getLogger("transformers.modeling_utils")
-    level = library.level
+    """Keep the library's load reports out of the output unless debugging."""
+    loggers = [logging.getLogger(name) for name in LOAD_REPORT_LOGGERS]
+    levels = [logger.level for logger in loggers]
     if not log.isEnabledFor(logging.DEBUG):
-        library.setLevel(logging.ERROR)
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        library.setLevel(level)
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def _report_loading(model: Any, info: dict[str, Any], label_names: list[str] | None) -> None:
     """Say which weights were not in the checkpoint: for a classifier, its new head."""
     prefix = f"{getattr(model, 'base_model_prefix', '')}."
-    missing = list(info.get("missing_keys") or [])
+    missing = sorted(info.get("missing_keys") or ())
     head = sorted({key.rsplit(".", 1)[0] for key in missing if not key.startswith(prefix)})
     if label_names is not None and head:
         log.info(
@@ -287,5 +294,6 @@ def _report_loading(model: Any, info: dict[str, Any], label_names: list[str] | N
             len(missing),
             ", ".join(missing[:8]),
         )
-    if info.get("unexpected_keys"):
-        log.debug("checkpoint weights the model does not use: %s", info["unexpected_keys"][:8])
+    unexpected = sorted(info.get("unexpected_keys") or ())
+    if unexpected:
+        log.debug("checkpoint weights the model does not use: %s", unexpected[:8])
