@@ -86,7 +86,7 @@ def reported(debug: bool) -> Iterator[None]:
         transient = isinstance(found, TransientError)
         console.print("[red]failed (transient):[/red]" if transient else "[red]invalid:[/red]")
         for line in lines:
-            console.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
+            _plain(f"  {line}")
         code = ExitCode.FAILED if transient else ExitCode.INVALID_INPUT
         raise typer.Exit(int(code)) from None
 
@@ -115,13 +115,18 @@ def _quiet_libraries() -> None:
     hf_logging.disable_progress_bar()
 
 
+def _plain(text: str) -> None:
+    """Print text that may hold user data and long paths: no markup, no wrapping."""
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
 def _load(file: Path, overrides: list[str] | None) -> tuple[str, RunConfig]:
     try:
         name, run, placement = load_run(file, overrides)
     except ConfigError as exc:
         console.print(f"[red]invalid {file}:[/red]", highlight=False, soft_wrap=True)
         for line in exc.errors:
-            console.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
+            _plain(f"  {line}")
         raise typer.Exit(int(ExitCode.INVALID_INPUT)) from None
     if placement:
         console.print(f"[dim]checked, used on a cluster only: {', '.join(placement)}[/dim]")
@@ -305,10 +310,10 @@ def validate(file: FileArg, set_: SetOpt = None, debug: DebugOpt = False) -> Non
             local = fetch_model(run_config.model, Path.cwd() / ".finetune-cache")
             tokenizer, prepared = prepare_data(run_config, local)
             generation = generation_eval(run_config, prepared, tokenizer)
-    console.print(prepared.report.render(), markup=False, highlight=False)
-    console.print("\n".join(prepared.stats.render_lines()), markup=False, highlight=False)
+    _plain(prepared.report.render())
+    _plain("\n".join(prepared.stats.render_lines()))
     console.print("[green]dataset OK[/green]: ", end="")
-    console.print(data_summary(prepared), markup=False, highlight=False)
+    _plain(data_summary(prepared))
     if generation is not None:
         console.print(
             f"[green]generation eval OK[/green]: {len(generation.held.prompts)} held-out prompts"

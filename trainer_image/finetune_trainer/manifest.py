@@ -27,7 +27,8 @@ from finetune_trainer.config import (
     parse_run_config,
     run_field_names,
 )
-from finetune_trainer.sniff import not_utf8
+from finetune_trainer.errors import first_line
+from finetune_trainer.sniff import HEAD_BYTES, describe, not_utf8
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,9 @@ def read_document(path: Path) -> dict[str, Any]:
         raise ConfigError(
             [f"{path}: larger than {MAX_SPEC_BYTES // 2**20} MiB; a spec points at its data"]
         )
+    problem = describe(raw[:HEAD_BYTES])  # UTF-16 ASCII decodes as UTF-8, NULs and all
+    if problem is not None:
+        raise ConfigError([f"{path}: {problem}"])
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -80,9 +84,11 @@ def read_document(path: Path) -> dict[str, Any]:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        raise ConfigError([f"{where}: invalid YAML: {exc.problem or exc.context}"]) from None
+        raise ConfigError(
+            [f"{where}: invalid YAML: {exc.problem or exc.context or first_line(exc)}"]
+        ) from None
     except yaml.YAMLError as exc:
-        raise ConfigError([f"{path}: invalid YAML: {exc}"]) from None
+        raise ConfigError([f"{path}: invalid YAML: {first_line(exc)}"]) from None
     except RecursionError:
         raise ConfigError([f"{path}: nested too deeply (at most {MAX_DEPTH} levels)"]) from None
     except ValueError as exc:  # e.g. an integer with more digits than Python converts
