@@ -430,3 +430,13 @@ def test_a_hub_outage_is_transient_not_invalid_input(tmp_path: Path) -> None:
         assert "model.source: hf://acme/tiny: the server answered 503" in output, (command, output)
         assert "transient" in output
     assert hub.requests >= 2
+
+
+def test_ci_runs_the_readme_test_command_verbatim_without_activating_the_venv() -> None:
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("# 2. install, then run the tests\n", 1)[1].split("\n", 1)[0]
+    assert block == "scripts/setup.sh && .venv/bin/python -m pytest"
+    ci = (REPO / ".ci" / "run").read_text().splitlines()
+    assert block in ci
+    commands = [line for line in ci if line.strip() and not line.lstrip().startswith("#")]
+    assert not [line for line in commands if "activate" in line]
