@@ -5,10 +5,13 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import logging
 import os
 import shutil
+import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,16 @@ from typer.testing import CliRunner
 
 REPO = Path(__file__).resolve().parents[2]
 runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def _logger_levels() -> Iterator[None]:
+    """The CLI sets our loggers' levels for its process; keep them from leaking across tests."""
+    loggers = [logging.getLogger(n) for n in ("finetune_trainer", "finetune_trainer.models")]
+    levels = [logger.level for logger in loggers]
+    yield
+    for logger, level in zip(loggers, levels, strict=True):
+        logger.setLevel(level)
 
 
 def _job(tmp_path: Path, model_dir: Path, data: Path, **spec: object) -> Path:
@@ -440,3 +453,16 @@ def test_ci_runs_the_readme_test_command_verbatim_without_activating_the_venv() 
     assert block in ci
     commands = [line for line in ci if line.strip() and not line.lstrip().startswith("#")]
     assert not [line for line in commands if "activate" in line]
+
+
+def test_a_progress_port_in_use_is_a_command_line_error(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        job = tmp_path / "job.yaml"
+        job.write_text(yaml.safe_dump(BASE))
+        result = runner.invoke(app, ["run", str(job), "--progress-port", str(port)])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert f"cannot serve on port {port}" in " ".join(result.output.replace("│", " ").split())

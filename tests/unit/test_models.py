@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fake_servers import FakeServer
+from fake_servers import FakeServer, free_port
 from finetune_trainer.config import ModelSpec
 from finetune_trainer.errors import InvalidInputError, TransientError
 from finetune_trainer.models import LocalModel, ModelLoadError, fetch_model
@@ -151,8 +151,7 @@ def test_a_hung_hub_times_out_as_transient(fake_hub: FakeServer, tmp_path: Path)
 def test_a_hub_refusing_connections_is_transient(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from conftest import free_port
-    from huggingface_hub import constants
+        from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{free_port()}")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))

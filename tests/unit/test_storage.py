@@ -8,8 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import free_port
-from fake_servers import S3_SLOW_DOWN, FakeServer
+from fake_servers import S3_SLOW_DOWN, FakeServer, free_port
 from finetune_trainer import storage
 from finetune_trainer.config import DatasetSpec
 from finetune_trainer.data import DatasetError, load_records, prepare_dataset

@@ -105,7 +105,8 @@ def chain(exc: BaseException) -> Iterator[BaseException]:
     while current is not None and id(current) not in seen and len(seen) < 32:
         seen.add(id(current))
         yield current
-        current = current.__cause__ or current.__context__
+        suppressed = current.__suppress_context__  # `raise ... from None`: context not a cause
+        current = current.__cause__ or (None if suppressed else current.__context__)
 
 
 def _status(exc: BaseException) -> int | None:
