@@ -151,7 +151,7 @@ def test_a_hung_hub_times_out_as_transient(fake_hub: FakeServer, tmp_path: Path)
 def test_a_hub_refusing_connections_is_transient(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-        from huggingface_hub import constants
+    from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{free_port()}")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
