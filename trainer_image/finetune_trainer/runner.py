@@ -21,6 +21,7 @@ from finetune_trainer import hyper, storage
 from finetune_trainer.callbacks import PreemptionFlag, RunCallback
 from finetune_trainer.checkpoints import CheckpointStore
 from finetune_trainer.config import ConfigError, RunConfig
+from finetune_trainer.errors import InvalidInputError
 from finetune_trainer.generation import GenerationEval, held_out
 from finetune_trainer.methods import (
     MethodError,
@@ -58,10 +59,6 @@ ARTIFACTS = (
     "README.md",
     "samples.jsonl",
 )
-
-
-class InvalidInputError(Exception):
-    """The run cannot succeed as configured (bad config, dataset or model source)."""
 
 
 @dataclass
