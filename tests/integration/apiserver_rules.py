@@ -99,7 +99,7 @@ def labels(path: str, values: Mapping[str, str] | None) -> Iterator[str]:
         yield from label_value(path, value)
 
 
-def annotations(path: str, values: Mapping[str, str] | None) -> Iterator[str]:
+def annotations_of(path: str, values: Mapping[str, str] | None) -> Iterator[str]:
     size = 0
     for key, value in (values or {}).items():
         yield from qualified_name(path, key)
@@ -115,7 +115,7 @@ def object_meta(meta: Obj, path: str = "metadata") -> Iterator[str]:
     else:
         yield from dns1123_subdomain(f"{path}.name", name)
     yield from labels(f"{path}.labels", meta.get("labels"))
-    yield from annotations(f"{path}.annotations", meta.get("annotations"))
+    yield from annotations_of(f"{path}.annotations", meta.get("annotations"))
     for i, ref in enumerate(meta.get("ownerReferences") or []):
         for field in ("apiVersion", "kind", "name", "uid"):
             if not ref.get(field):
