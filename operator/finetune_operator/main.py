@@ -44,7 +44,6 @@ from finetune_operator.reconcile import Runtime, observe
 from finetune_operator.workers import Key, Run, Workers
 
 Obj = dict[str, Any]
-log = logging.getLogger("finetune_operator")
 
 # Set by earlier versions (a kopf daemon needs one); kopf removes it from every FineTuneJob it
 # sees, since no handler here needs a finalizer any more.
@@ -68,12 +67,6 @@ class State:
 
 
 STATE = State()
-
-
-def kube() -> Kube:
-    if STATE.kube is None:
-        raise kopf.TemporaryError("the operator is not connected yet", delay=5)
-    return STATE.kube
 
 
 # --------------------------------------------------------------------------------------------

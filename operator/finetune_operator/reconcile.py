@@ -3,7 +3,7 @@
 One pass (`Observer.step`) reads only in-memory state (the indexes of our Jobs and pods that
 kopf keeps from its watches, and the newest FineTuneJob object), creates the ConfigMap and the
 Job if needed, fetches the running trainer's /progress, derives the status and patches what
-changed. `run` repeats passes on wake-ups and handles API errors:
+changed. `observe` repeats passes on wake-ups and handles API errors:
 
 - transient (5xx, 429, 409, timeouts, dropped connections): retried with exponential backoff;
 - 403 on a child (RBAC, ResourceQuota, a terminating namespace): condition Running=False,
@@ -80,7 +80,7 @@ class ChildError(Exception):
     """The API server refused to create or read a child."""
 
     def __init__(self, kind: str, name: str, error: ApiException) -> None:
-        self.kind = api_error_kind(error.status)
+        self.error_kind = api_error_kind(error.status)
         self.status = error.status
         super().__init__(f"the API server refused {kind} {name}: {api_message(error)}")
 
@@ -186,6 +186,12 @@ class Observer:
     @property
     def body(self) -> kopf.Body:
         return self.worker.body
+
+    @property
+    def ref(self) -> str:
+        """namespace/name, for log lines."""
+        meta = self.body["metadata"]
+        return f"{meta['namespace']}/{meta['name']}"
 
     def refresh_spec(self) -> FineTuneJobSpec:
         """The spec of the newest object (placement fields such as suspend and
@@ -321,29 +327,29 @@ class Next(Enum):
     DONE = "done"  # the run ended (the status says how): apply the TTL
 
 
-async def _fail(observer: Observer, reason: Reason, message: str, logger: kopf.Logger) -> Next:
+async def _fail(observer: Observer, reason: Reason, message: str) -> Next:
     try:
         await observer.fail(reason, message)
     except (ApiException, TimeoutError, aiohttp.ClientError) as exc:
-        logger.warning("could not write the %s status, retrying: %s", reason, exc)
+        log.warning("%s: could not write the %s status, retrying: %s", observer.ref, reason, exc)
         return Next.RETRY
     return Next.DONE
 
 
-async def _pass(observer: Observer, logger: kopf.Logger) -> Next:
+async def _pass(observer: Observer) -> Next:
     """One pass, its API errors classified (see the module docstring)."""
-    key = observer.worker.key
+    ref = observer.ref
     try:
         status, running = await observer.step()
     except NameConflictError as exc:
         metrics.RECONCILE_ERRORS.labels(kind=Reason.NAME_CONFLICT).inc()
-        return await _fail(observer, Reason.NAME_CONFLICT, str(exc), logger)
+        return await _fail(observer, Reason.NAME_CONFLICT, str(exc))
     except ChildError as exc:
         metrics.RECONCILE_ERRORS.labels(kind=f"Api{exc.status}").inc()
-        if exc.kind == ApiErrorKind.REJECTED:
-            return await _fail(observer, Reason.CHILD_REJECTED, str(exc), logger)
-        logger.warning("reconcile of %s/%s failed, retrying: %s", *key, exc)
-        if exc.kind == ApiErrorKind.FORBIDDEN:
+        if exc.error_kind == ApiErrorKind.REJECTED:
+            return await _fail(observer, Reason.CHILD_REJECTED, str(exc))
+        log.warning("%s: retrying: %s", ref, exc)
+        if exc.error_kind == ApiErrorKind.FORBIDDEN:
             with contextlib.suppress(ApiException, TimeoutError, aiohttp.ClientError):
                 await observer.block(f"{exc}; retrying")
         return Next.RETRY
@@ -351,13 +357,13 @@ async def _pass(observer: Observer, logger: kopf.Logger) -> Next:
         metrics.RECONCILE_ERRORS.labels(kind=f"Api{exc.status}").inc()
         if exc.status != 404 and api_error_kind(exc.status) == ApiErrorKind.REJECTED:
             message = f"the API server refused the status update: {api_message(exc)}"
-            logger.error("%s/%s: %s", *key, message)
-            return await _fail(observer, Reason.STATUS_REJECTED, message, logger)
-        logger.warning("status of %s/%s not written, retrying: %s", *key, api_message(exc))
+            log.error("%s: %s", ref, message)
+            return await _fail(observer, Reason.STATUS_REJECTED, message)
+        log.warning("%s: status not written, retrying: %s", ref, api_message(exc))
         return Next.RETRY
     except (TimeoutError, aiohttp.ClientError, ChildVanishedError) as exc:
         metrics.RECONCILE_ERRORS.labels(kind=type(exc).__name__).inc()
-        logger.warning("reconcile of %s/%s failed, retrying: %s", *key, exc)
+        log.warning("%s: retrying: %r", ref, exc)
         return Next.RETRY
     if status.phase in TERMINAL_PHASES:
         return Next.DONE
@@ -367,21 +373,19 @@ async def _pass(observer: Observer, logger: kopf.Logger) -> Next:
 async def observe(worker: Worker, runtime: Runtime) -> None:
     """The task of one FineTuneJob: passes until the run ends, then its TTL."""
     body = worker.body
-    meta = body["metadata"]
-    logger = log.getChild(f"{meta['namespace']}.{meta['name']}")
     raw_spec = dict(body.get("spec") or {})
-    spec, errors = validate(raw_spec, meta["namespace"], runtime.policy)
+    spec, errors = validate(raw_spec, body["metadata"]["namespace"], runtime.policy)
     if spec is None:
-        await refuse(worker, runtime, errors, logger)
+        await refuse(worker, runtime, errors)
         return
     observer = Observer(worker, runtime, spec, raw_spec, dict(body.get("status") or {}))
     interval = runtime.policy.poll_interval_seconds
     failures = 0
     while True:
         worker.wake.clear()
-        match await _pass(observer, logger):
+        match await _pass(observer):
             case Next.DONE:
-                await expire(observer, logger)
+                await expire(observer)
                 return
             case Next.RETRY:
                 failures += 1
@@ -394,12 +398,14 @@ async def observe(worker: Worker, runtime: Runtime) -> None:
                 await worker.nap(max(interval, RESYNC_SECONDS))
 
 
-async def refuse(worker: Worker, runtime: Runtime, errors: list[str], logger: kopf.Logger) -> None:
+async def refuse(worker: Worker, runtime: Runtime, errors: list[str]) -> None:
     """An invalid spec: phase Failed, condition Failed/InvalidSpec naming the fields, a Warning
     (once: not again when the status already says so), and nothing is created."""
     metrics.INVALID_SPECS.inc()
     message = "; ".join(errors)
-    logger.error("invalid spec: %s", message)
+    meta = worker.body["metadata"]
+    ref = f"{meta['namespace']}/{meta['name']}"
+    log.error("%s: invalid spec: %s", ref, message)
     status = dict(worker.body.get("status") or {})
     failed = get_condition(parse_status(status).conditions, "Failed")
     if failed is not None and failed.reason == Reason.INVALID_SPEC:
@@ -411,16 +417,16 @@ async def refuse(worker: Worker, runtime: Runtime, errors: list[str], logger: ko
             return
         except ApiException as exc:
             if api_error_kind(exc.status) != ApiErrorKind.TRANSIENT:
-                logger.error("could not write the InvalidSpec status: %s", api_message(exc))
+                log.error("%s: InvalidSpec status not written: %s", ref, api_message(exc))
                 return
-            logger.warning("could not write the InvalidSpec status, retrying: %s", exc)
+            log.warning("%s: InvalidSpec status not written, retrying: %s", ref, exc)
         except (TimeoutError, aiohttp.ClientError) as exc:
-            logger.warning("could not write the InvalidSpec status, retrying: %s", exc)
+            log.warning("%s: InvalidSpec status not written, retrying: %r", ref, exc)
         failures += 1
         await worker.nap(backoff(failures, runtime.policy.poll_interval_seconds))
 
 
-async def expire(observer: Observer, logger: kopf.Logger) -> None:
+async def expire(observer: Observer) -> None:
     """Delete the finished FineTuneJob after spec.ttlSecondsAfterFinished, as it is now: an edit
     of the TTL wakes the task and counts (the Job itself has no TTL: no recreate loop)."""
     finished = parse_status(observer.status).completion_time or now_utc()
@@ -435,15 +441,16 @@ async def expire(observer: Observer, logger: kopf.Logger) -> None:
             await worker.nap(remaining)
             continue
         meta = observer.body["metadata"]
-        logger.info("ttlSecondsAfterFinished elapsed: deleting %s/%s", *worker.key)
+        log.info("%s: ttlSecondsAfterFinished elapsed: deleting it", observer.ref)
         try:
             await observer.runtime.kube.delete_finetunejob(meta["namespace"], meta["name"])
             return
         except ApiException as exc:
             if api_error_kind(exc.status) != ApiErrorKind.TRANSIENT:
-                logger.error("cannot delete %s after its TTL: %s", meta["name"], api_message(exc))
+                log.error("%s: cannot delete it after its TTL: %s", observer.ref, api_message(exc))
                 return
+            log.warning("%s: deleting it after its TTL failed, retrying: %s", observer.ref, exc)
         except (TimeoutError, aiohttp.ClientError) as exc:
-            logger.warning("deleting %s after its TTL failed, retrying: %s", meta["name"], exc)
+            log.warning("%s: deleting it after its TTL failed, retrying: %r", observer.ref, exc)
         failures += 1
         await worker.nap(backoff(failures, observer.runtime.policy.poll_interval_seconds))
