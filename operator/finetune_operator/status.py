@@ -1,8 +1,10 @@
 """Pure status derivation: observed Job, pods, trainer progress and summary -> FineTuneJobStatus.
 
 Conditions are the truth; `phase` summarises them. `lastTransitionTime` changes only when a
-condition's status flips. Nothing here does I/O: the handlers observe, call `derive_status`,
-and patch the difference (`status_patch`).
+condition's status flips. Nothing here does I/O: a FineTuneJob's task (`reconcile`) observes,
+calls `derive_status` (one function per phase of the Job: succeeded, failed, suspended,
+active), patches the difference (`status_patch`) and posts `phase_event`. Every reason is a
+`reasons.Reason`.
 """
 
 from __future__ import annotations
