@@ -2,7 +2,7 @@
 `finetune run`: the API server's object rules (apiVersion, kind, known top-level fields,
 metadata.name and namespace), the CRD's schema and rules (the spec model, validated strictly
 typed as the API server does: "8" is no integer) and the operator's own checks
-(`finetune_operator.main.validate`: the spec model and the platform policy, its defaults unless
+(`finetune_operator.policy.validate`: the spec model and the platform policy, its defaults unless
 the operator's FINETUNE_* variables are set).
 
 Plugged into the trainer's CLI through the ``finetune.admission`` entry-point group, so the
@@ -18,8 +18,8 @@ from typing import Any
 from finetune_trainer.config import format_errors, object_name_error
 from pydantic import ValidationError
 
-from finetune_operator.api import API_VERSION, KIND, FineTuneJobSpec, parse_spec
-from finetune_operator.policy import Policy, check_policy
+from finetune_operator.api import API_VERSION, KIND, FineTuneJobSpec
+from finetune_operator.policy import Policy, validate
 
 TOP_LEVEL_FIELDS = ("apiVersion", "kind", "metadata", "spec", "status")
 DEFAULT_NAMESPACE = "default"
@@ -54,7 +54,7 @@ def _spec_errors(spec: Any, namespace: str, policy: Policy) -> list[str]:
         FineTuneJobSpec.model_validate(copy.deepcopy(spec), strict=True)
     except ValidationError as exc:
         return format_errors(exc, "spec", FineTuneJobSpec)
-    return check_policy(parse_spec(copy.deepcopy(spec)), namespace, policy)
+    return validate(spec, namespace, policy)[1]
 
 
 def admit(manifest: dict[str, Any], policy: Policy | None = None) -> list[str]:

@@ -456,8 +456,8 @@ def test_validate_admits_exactly_what_the_cluster_admits(
     spec: dict[str, Any], trust: bool, max_gpus: int
 ) -> None:
     from finetune_operator.admission import admit
-    from finetune_operator.main import validate as operator_validate
     from finetune_operator.policy import Policy
+    from finetune_operator.policy import validate as operator_validate
 
     policy = Policy(allow_trust_remote_code=trust, max_gpus_per_job=max_gpus)
     _, operator_errors = operator_validate(spec, "default", policy)
@@ -492,7 +492,7 @@ def test_validate_is_typed_like_the_api_server_where_the_model_is_lax(
 
 
 def _operator_refuses(spec: dict[str, Any]) -> bool:
-    from finetune_operator.main import validate as operator_validate
     from finetune_operator.policy import Policy
+    from finetune_operator.policy import validate as operator_validate
 
     return bool(operator_validate(spec, "default", Policy())[1])

@@ -1,4 +1,4 @@
-"""Container entrypoint: `python -m finetune_trainer` (the trainer/operator contract).
+"""Container entrypoint: `python -m finetune_trainer` (the contract: docs/contract.md).
 
 Reads the run config from $FINETUNE_CONFIG, serves progress on $FINETUNE_PROGRESS_PORT, runs,
 writes the summary to the termination-message file and exits with the contract's exit code.

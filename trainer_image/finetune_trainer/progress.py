@@ -1,4 +1,4 @@
-"""The trainer -> operator contract (DESIGN.md section 5): progress, final summary, exit codes.
+"""The trainer -> operator contract (docs/contract.md): progress, final summary, exit codes.
 
 Pure pydantic, no torch: the operator imports this module to read what the trainer reports.
 """
