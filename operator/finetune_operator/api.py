@@ -42,6 +42,10 @@ K8sName = Annotated[
 ]
 
 
+KBIT_NEEDS_GPU = (
+    "resources.gpus: k-bit loading (qlora, or method.quantization) needs a GPU "
+    "(bitsandbytes k-bit kernels); set gpus: 1"
+)
 KBIT_ONE_GPU = (
     "resources.gpus: k-bit (qlora) training runs on one GPU per pod (transformers does not "
     "split a quantized model across GPUs); set gpus: 1"
@@ -131,8 +135,8 @@ class FineTuneJobSpec(RunConfig):
 
     @model_validator(mode="after")
     def _check_placement(self) -> FineTuneJobSpec:
-        if self.method.type == "qlora" and self.resources.gpus == 0:
-            raise ValueError("resources.gpus: qlora needs a GPU (bitsandbytes k-bit kernels)")
+        if self.method.quantization is not None and self.resources.gpus == 0:
+            raise ValueError(KBIT_NEEDS_GPU)
         if self.method.quantization is not None and self.resources.gpus > 1:
             raise ValueError(KBIT_ONE_GPU)
         if not self.output.uri.startswith(DURABLE_OUTPUT_SCHEMES):

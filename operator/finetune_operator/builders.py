@@ -1,6 +1,8 @@
 """Pure builders: a validated FineTuneJob spec -> the manifests of its children, as dicts.
 
 No I/O, no kopf: the handlers add owner references (`kopf.adopt`) and create the objects.
+Child names and label values come from `names` (valid for any FineTuneJob name); what the
+trainer container gets (env, mounts, ports, exit codes) is the contract in docs/contract.md.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from finetune_trainer.progress import (
 )
 
 from finetune_operator.api import GROUP, FineTuneJobSpec
+from finetune_operator.names import configmap_name, job_label, job_name
 from finetune_operator.policy import Policy, pvc_claim, pvc_uris
 
 Manifest = dict[str, Any]
@@ -42,20 +45,10 @@ TRAINER_COMMAND = ["python", "-m", "finetune_trainer"]
 RUN_AS_USER = 1000
 
 
-def configmap_name(name: str) -> str:
-    """Name of the ConfigMap holding a FineTuneJob's run config."""
-    return f"{name}-config"
-
-
-def job_name(name: str) -> str:
-    """Name of a FineTuneJob's batch/v1 Job."""
-    return name
-
-
 def labels(name: str) -> dict[str, str]:
     """Labels on every child of FineTuneJob `name` (and on its pods)."""
     return {
-        JOB_LABEL: name,
+        JOB_LABEL: job_label(name),
         "app.kubernetes.io/name": "finetune-trainer",
         "app.kubernetes.io/managed-by": "finetune-operator",
     }

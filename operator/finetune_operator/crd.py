@@ -25,6 +25,7 @@ from finetune_trainer.config import TrainingSpec
 from finetune_operator.api import (
     CATEGORIES,
     GROUP,
+    KBIT_NEEDS_GPU,
     KBIT_ONE_GPU,
     KIND,
     PLURAL,
@@ -59,6 +60,13 @@ def _rule(rule: str, message: str, field_path: str | None = None) -> dict[str, s
 
 _DEFAULT_SAVE_STEPS = TrainingSpec.model_fields["save_steps"].default
 _NO_GENERATION_EVAL = "!has(self.evaluation) || !has(self.evaluation.generation)"
+_KBIT = (
+    "has(self.method) && ((has(self.method.type) && self.method.type == 'qlora') || "
+    "has(self.method.quantization))"
+)
+_VIRTUAL_TOKENS = (
+    "has(self.method) && has(self.method.type) && self.method.type in ['prefix', 'prompt']"
+)
 
 # CEL rules attached to nodes of the spec schema, keyed by property path under spec.
 # They mirror the pydantic cross-field validators (whose messages name the same fields).
@@ -113,17 +121,29 @@ SPEC_RULES: dict[tuple[str, ...], list[dict[str, str]]] = {
             ".training",
         ),
         _rule(
-            "!(has(self.method) && has(self.method.type) && self.method.type == 'qlora') || "
+            f"!({_KBIT}) || "
             "!has(self.resources) || !has(self.resources.gpus) || self.resources.gpus > 0",
-            "spec.resources.gpus: qlora needs a GPU (bitsandbytes k-bit kernels)",
+            f"spec.{KBIT_NEEDS_GPU}",
             ".resources.gpus",
         ),
         _rule(
-            "!has(self.method) || !((has(self.method.type) && self.method.type == 'qlora') || "
-            "has(self.method.quantization)) || "
+            f"!({_KBIT}) || "
             "!has(self.resources) || !has(self.resources.gpus) || self.resources.gpus <= 1",
             f"spec.{KBIT_ONE_GPU}",
             ".resources.gpus",
+        ),
+        _rule(
+            f"!({_VIRTUAL_TOKENS}) || !has(self.task) || self.task == 'causal-lm'",
+            "spec.method.type: prefix and prompt tuning train causal-lm only (PEFT cannot run "
+            "them in front of a classification head)",
+            ".method.type",
+        ),
+        _rule(
+            f"!({_VIRTUAL_TOKENS}) || !has(self.training) || !has(self.training.precision) || "
+            "!(self.training.precision in ['bf16', 'fp16'])",
+            "spec.training.precision: prefix and prompt tuning run in fp32 (mixed precision "
+            "breaks the trainer's fused LM head for virtual tokens); set it to fp32 or auto",
+            ".training.precision",
         ),
         _rule(
             "['pvc://', 's3://', 'gs://', 'gcs://', 'az://', 'abfs://', 'hf://']"

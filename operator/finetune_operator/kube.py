@@ -15,6 +15,7 @@ import json
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
+from enum import StrEnum
 from typing import Any, cast
 
 import aiohttp
@@ -26,6 +27,7 @@ from pydantic import ValidationError
 
 from finetune_operator.api import GROUP, PLURAL, VERSION
 from finetune_operator.builders import CONTAINER_NAME, JOB_LABEL, PROGRESS_PORT_NAME
+from finetune_operator.names import job_label
 
 Obj = dict[str, Any]
 log = logging.getLogger(__name__)
@@ -35,8 +37,10 @@ PROGRESS_TIMEOUT = aiohttp.ClientTimeout(total=3)
 REQUEST_TIMEOUT_SECONDS = 30
 
 __all__ = [
+    "ApiErrorKind",
     "ApiException",
     "Kube",
+    "api_error_kind",
     "api_message",
     "connect",
     "connection_info",
@@ -57,6 +61,28 @@ def api_message(exc: ApiException) -> str:
     if isinstance(body, dict) and body.get("message"):
         return f"{exc.status} {body.get('reason') or exc.reason}: {body['message']}"
     return f"{exc.status} {exc.reason}"
+
+
+class ApiErrorKind(StrEnum):
+    """What an API error means for the request that got it."""
+
+    TRANSIENT = "transient"  # 5xx, 429, 408, 409, 401: retry with backoff
+    FORBIDDEN = "forbidden"  # 403 (RBAC, ResourceQuota, a terminating namespace): may clear up
+    REJECTED = "rejected"  # 400, 404, 422, ...: the request itself is refused; retrying cannot help
+
+
+# 4xx that go away by themselves: timeout, conflict (retry against the new state), rate limit,
+# and 401 (kopf and kubernetes_asyncio fetch fresh credentials)
+_RETRYABLE_4XX = frozenset({401, 408, 409, 429})
+
+
+def api_error_kind(status: int | None) -> ApiErrorKind:
+    """Classify an API status code (None: no answer at all, e.g. a dropped connection)."""
+    if status == 403:
+        return ApiErrorKind.FORBIDDEN
+    if status is not None and 400 <= status < 500 and status not in _RETRYABLE_4XX:
+        return ApiErrorKind.REJECTED
+    return ApiErrorKind.TRANSIENT
 
 
 def in_cluster() -> bool:
@@ -257,14 +283,15 @@ class Kube:
     # ---- pods -------------------------------------------------------------------------------
     async def job_pods(self, namespace: str, name: str) -> list[Obj]:
         """The trainer pods of FineTuneJob `name`."""
+        label = job_label(name)
         listing = await self._json(
             self.core.list_namespaced_pod(
-                namespace, label_selector=f"{JOB_LABEL}={name}", _preload_content=False
+                namespace, label_selector=f"{JOB_LABEL}={label}", _preload_content=False
             )
         )
         pods: list[Obj] = listing.get("items") or []
         return [
-            p for p in pods if (p.get("metadata", {}).get("labels") or {}).get(JOB_LABEL) == name
+            p for p in pods if (p.get("metadata", {}).get("labels") or {}).get(JOB_LABEL) == label
         ]
 
     async def pod_log(self, namespace: str, pod: str, container: str) -> str:

@@ -11,13 +11,16 @@ Violations are reported like spec validation errors: one ``field.path: message``
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 from collections.abc import Mapping
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from finetune_operator.api import FineTuneJobSpec
+from finetune_operator.api import ConfigError, FineTuneJobSpec, parse_spec
+from finetune_operator.uris import uri_values
 
 DEFAULT_IMAGE = "ghcr.io/finetune-dev/finetune-trainer:0.1.0"
 _TRUE = {"1", "true", "yes", "on"}
@@ -58,16 +61,8 @@ class Policy(BaseModel):
 
 
 def pvc_uris(spec: FineTuneJobSpec) -> list[tuple[str, str]]:
-    """(field path, URI) of every location in the spec that may name a PVC."""
-    found = [("spec.model.source", spec.model.source)]
-    if spec.dataset.source:
-        found.append(("spec.dataset.source", spec.dataset.source))
-    for split in ("validation", "test"):
-        split_spec = getattr(spec.dataset, split)
-        if split_spec is not None and split_spec.source:
-            found.append((f"spec.dataset.{split}.source", split_spec.source))
-    found.append(("spec.output.uri", spec.output.uri))
-    return [(path, uri) for path, uri in found if uri.startswith("pvc://")]
+    """(field path, URI) of every pvc:// URI in the spec, from every `Uri` field (`uris`)."""
+    return [(path, uri) for path, uri in uri_values(spec) if uri.startswith("pvc://")]
 
 
 def pvc_claim(uri: str) -> str:
@@ -101,3 +96,15 @@ def check_policy(spec: FineTuneJobSpec, namespace: str, policy: Policy) -> list[
                 "(pvc://CLAIM/path, CLAIM a lowercase DNS name)"
             )
     return errors
+
+
+def validate(
+    raw_spec: dict[str, Any], namespace: str, policy: Policy
+) -> tuple[FineTuneJobSpec | None, list[str]]:
+    """Admit a FineTuneJob spec: (the parsed spec, []) or (None, ['field.path: message', ...])."""
+    try:
+        spec = parse_spec(copy.deepcopy(raw_spec))
+    except ConfigError as exc:
+        return None, list(exc.errors)
+    errors = check_policy(spec, namespace, policy)
+    return (None, errors) if errors else (spec, [])

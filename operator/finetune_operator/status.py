@@ -1,15 +1,18 @@
 """Pure status derivation: observed Job, pods, trainer progress and summary -> FineTuneJobStatus.
 
 Conditions are the truth; `phase` summarises them. `lastTransitionTime` changes only when a
-condition's status flips. Nothing here does I/O: the handlers observe, call `derive_status`,
-and patch the difference (`status_patch`).
+condition's status flips. Nothing here does I/O: a FineTuneJob's task (`reconcile`) observes,
+calls `derive_status` (one function per phase of the Job: succeeded, failed, suspended,
+active), patches the difference (`status_patch`) and posts `phase_event`. Every reason is a
+`reasons.Reason`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from finetune_trainer.progress import (
     CheckpointInfo,
@@ -30,13 +33,12 @@ from finetune_operator.api import (
     ResultStatus,
 )
 from finetune_operator.builders import CONTAINER_NAME
+from finetune_operator.reasons import OPERATOR_FAILURES, Reason
 
 Obj = dict[str, Any]
 
 MAX_CHECKPOINTS = 20
 TERMINAL_PHASES: tuple[JobPhase, ...] = ("Succeeded", "Failed")
-# Failed reasons the operator sets itself (before any Job exists): never overwritten.
-OPERATOR_FAILURES = ("InvalidSpec", "NameConflict")
 IMAGE_PULL_REASONS = ("ImagePullBackOff", "ErrImagePull", "InvalidImageName")
 CONFIG_ERROR_REASONS = ("CreateContainerConfigError", "CreateContainerError")
 
@@ -103,7 +105,7 @@ def failed_status(
     now: datetime,
     generation: int | None = None,
 ) -> FineTuneJobStatus:
-    """The status of a job the operator refuses to run (InvalidSpec, NameConflict)."""
+    """The status of a job the operator refuses to run (the reasons in OPERATOR_FAILURES)."""
     conditions = set_condition(
         previous.conditions, "Failed", True, reason, message, now, generation
     )
@@ -179,6 +181,16 @@ def terminated_state(pod: Obj) -> Obj | None:
     return dict(terminated) if terminated else None
 
 
+def running_pod(pods: Iterable[Obj]) -> Obj | None:
+    """The newest pod whose trainer is running (phase Running, trainer not terminated)."""
+    running = [
+        p
+        for p in sort_pods(pods)
+        if p.get("status", {}).get("phase") == "Running" and terminated_state(p) is None
+    ]
+    return running[-1] if running else None
+
+
 def pod_summary(pod: Obj) -> Summary | None:
     """The trainer's Summary from a pod's termination message, if it wrote one."""
     terminated = terminated_state(pod)
@@ -225,11 +237,11 @@ def _pending_reason(pod: Obj) -> tuple[str, str] | None:
     if reason in IMAGE_PULL_REASONS:
         image = pod.get("spec", {}).get("containers", [{}])[0].get("image", "")
         return (
-            "ImagePullBackOff",
+            Reason.IMAGE_PULL_BACK_OFF,
             f"cannot pull trainer image {image}: {waiting.get('message') or reason}",
         )
     if reason in CONFIG_ERROR_REASONS:
-        return ("CreateContainerConfigError", waiting.get("message") or reason)
+        return (Reason.CREATE_CONTAINER_CONFIG_ERROR, waiting.get("message") or reason)
     for cond in pod.get("status", {}).get("conditions") or []:
         if (
             cond.get("type") == "PodScheduled"
@@ -237,7 +249,7 @@ def _pending_reason(pod: Obj) -> tuple[str, str] | None:
             and cond.get("reason") == "Unschedulable"
         ):
             return (
-                "Unschedulable",
+                Reason.UNSCHEDULABLE,
                 "no node fits the trainer pod (GPUs, gpuType, nodeSelector, tolerations): "
                 + (cond.get("message") or ""),
             )
@@ -287,33 +299,72 @@ def merge_checkpoints(
 
 
 # --------------------------------------------------------------------------------------------
-# derive_status
+# derive_status: shared bookkeeping, then one function per phase
 # --------------------------------------------------------------------------------------------
-def _failure(
-    job: Obj, pods: list[Obj], summary: Summary | None, spec: FineTuneJobSpec
-) -> tuple[str, str]:
+@dataclass(frozen=True)
+class Observation:
+    """What one pass saw of a FineTuneJob whose Job exists (pods oldest first)."""
+
+    spec: FineTuneJobSpec
+    job: Obj
+    pods: list[Obj]
+    progress: Progress | None
+    summary: Summary | None
+    previous: FineTuneJobStatus
+    now: datetime
+    generation: int | None
+
+    def set(
+        self, conds: list[Condition], type_: ConditionType, status: bool, reason: str, msg: str
+    ) -> list[Condition]:
+        """set_condition at this pass's time and generation."""
+        return set_condition(conds, type_, status, reason, msg, self.now, self.generation)
+
+    def clear(
+        self, conds: list[Condition], type_: ConditionType, reason: str, msg: str
+    ) -> list[Condition]:
+        """clear_condition at this pass's time and generation."""
+        return clear_condition(conds, type_, reason, msg, self.now, self.generation)
+
+    @property
+    def job_status(self) -> Obj:
+        return dict(self.job.get("status") or {})
+
+    @property
+    def preemptions(self) -> int:
+        return sum(1 for p in self.pods if is_preempted(p))
+
+
+# (phase, conditions, other status fields) decided by one phase function
+PhaseResult = tuple[JobPhase, list[Condition], dict[str, Any]]
+
+
+def _failure(obs: Observation) -> tuple[str, str]:
     """(reason, message) for a failed Job, in terms a user can act on."""
-    cond = _job_condition(job, "Failed") or {}
+    spec, summary = obs.spec, obs.summary
+    cond = _job_condition(obs.job, "Failed") or {}
     job_reason = cond.get("reason") or ""
-    last = sort_pods(pods)[-1] if pods else None
+    last = obs.pods[-1] if obs.pods else None
     if summary is not None and summary.outcome == Outcome.INVALID_INPUT:
-        return "InvalidInput", summary.message or summary.reason or "the trainer rejected its input"
+        return Reason.INVALID_INPUT, (
+            summary.message or summary.reason or "the trainer rejected its input"
+        )
     if job_reason == "DeadlineExceeded":
         return (
-            "DeadlineExceeded",
+            Reason.DEADLINE_EXCEEDED,
             f"the run exceeded spec.activeDeadlineSeconds ({spec.active_deadline_seconds}s); "
             "resume from the last checkpoint with a longer deadline",
         )
     if last is not None and is_oom_killed(last):
         return (
-            "OOMKilled",
+            Reason.OOM_KILLED,
             "the trainer was killed for exceeding its memory limit "
             f"(spec.resources.memory={spec.resources.memory or 'unset'}); raise it, or lower "
             "training.batchSize / dataset.maxSeqLength",
         )
     terminated = terminated_state(last) if last is not None else None
     if terminated is not None and terminated.get("exitCode") == ExitCode.INVALID_INPUT:
-        return "InvalidInput", (terminated.get("message") or "the trainer rejected its input")
+        return Reason.INVALID_INPUT, (terminated.get("message") or "the trainer rejected its input")
     trainer_message = ""
     if summary is not None and summary.message:
         trainer_message = summary.message
@@ -321,15 +372,17 @@ def _failure(
         trainer_message = str(terminated["message"])[-2000:]
     if job_reason == "BackoffLimitExceeded":
         return (
-            "BackoffLimitExceeded",
+            Reason.BACKOFF_LIMIT_EXCEEDED,
             f"the trainer failed {spec.backoff_limit + 1} times (spec.backoffLimit="
             f"{spec.backoff_limit})"
             + (f"; last error: {trainer_message}" if trainer_message else ""),
         )
     message = cond.get("message") or "the Job failed"
+    if job_reason:
+        message = f"{job_reason}: {message}"
     if trainer_message:
         message = f"{message}; trainer: {trainer_message}"
-    return job_reason or "JobFailed", message
+    return Reason.JOB_FAILED, message
 
 
 def _result(summary: Summary | None) -> ResultStatus | None:
@@ -344,6 +397,164 @@ def _result(summary: Summary | None) -> ResultStatus | None:
         trainable_params=summary.trainable_params,
         trained_tokens=summary.trained_tokens,
     )
+
+
+def _succeeded(obs: Observation, conds: list[Condition]) -> PhaseResult:
+    summary, previous = obs.summary, obs.previous
+    msg = "training finished"
+    if summary is not None and summary.adapter_uri:
+        msg = f"training finished; adapter at {summary.adapter_uri}"
+    elif summary is not None and summary.model_uri:
+        msg = f"training finished; model at {summary.model_uri}"
+    conds = obs.set(conds, "Succeeded", True, Reason.COMPLETED, msg)
+    conds = obs.set(conds, "Running", False, Reason.COMPLETED, msg)
+    conds = obs.clear(conds, "Suspended", Reason.COMPLETED, msg)
+    update: dict[str, Any] = {
+        "result": _result(summary) or previous.result,
+        "completion_time": previous.completion_time
+        or _parse_time(obs.job_status.get("completionTime"))
+        or obs.now,
+    }
+    if obs.progress is None and previous.progress is not None:
+        last = previous.progress
+        update["progress"] = last.model_copy(
+            update={
+                "step": (summary.steps if summary else None) or last.total_steps or last.step,
+                "stage": Phase.SUCCEEDED.value,
+                "percent": 100.0,
+                "eta_seconds": 0,
+                "eta": "0s",
+            }
+        )
+    return "Succeeded", conds, update
+
+
+def _failed(obs: Observation, conds: list[Condition]) -> PhaseResult:
+    reason, msg = _failure(obs)
+    conds = obs.set(conds, "Failed", True, reason, msg)
+    conds = obs.set(conds, "Running", False, reason, msg)
+    conds = obs.clear(conds, "Suspended", reason, msg)
+    update: dict[str, Any] = {
+        "completion_time": obs.previous.completion_time
+        or _parse_time((_job_condition(obs.job, "Failed") or {}).get("lastTransitionTime"))
+        or obs.now
+    }
+    if obs.summary is not None and obs.summary.outcome != Outcome.INVALID_INPUT:
+        update["result"] = _result(obs.summary) or obs.previous.result
+    return "Failed", conds, update
+
+
+def _suspended(obs: Observation, conds: list[Condition]) -> PhaseResult:
+    spec = obs.spec
+    if spec.suspend:
+        reason, msg = (
+            Reason.SUSPENDED_BY_USER,
+            "spec.suspend is true: pods stopped, checkpoints kept",
+        )
+    elif spec.queue_name:
+        reason, msg = (
+            Reason.WAITING_FOR_QUEUE,
+            f"waiting for Kueue to admit it (queue {spec.queue_name})",
+        )
+    else:
+        reason, msg = Reason.SUSPENDED, "the Job is suspended"
+    conds = obs.set(conds, "Suspended", True, reason, msg)
+    conds = obs.set(conds, "Running", False, reason, msg)
+    return "Suspended", conds, {}
+
+
+def _running(obs: Observation, conds: list[Condition]) -> PhaseResult:
+    stage = obs.progress.phase if obs.progress is not None else None
+    if stage == Phase.VALIDATING_DATA:
+        conds = obs.set(
+            conds, "Running", True, Reason.VALIDATING_DATA, "the trainer is checking the dataset"
+        )
+        return "ValidatingData", conds, {}
+    resumed = ""
+    if count := obs.preemptions:
+        resumed = f" (resumed after {count} preemption{'s' if count > 1 else ''})"
+    reason = Reason.PREEMPTED_RESUMING if obs.preemptions else Reason.TRAINING
+    msg = f"the trainer is {stage.value if stage else 'running'}{resumed}"
+    return "Running", obs.set(conds, "Running", True, reason, msg), {}
+
+
+def _waiting(obs: Observation) -> tuple[str, str]:
+    """(reason, message) while no trainer pod runs."""
+    current = obs.pods[-1] if obs.pods else None
+    pending = _pending_reason(current) if current is not None else None
+    if pending is not None:
+        return pending
+    last_done = next((p for p in reversed(obs.pods) if terminated_state(p)), None)
+    if last_done is not None and is_preempted(last_done):
+        return (
+            Reason.PREEMPTED_RESUMING,
+            "the trainer was preempted after saving a checkpoint; a new pod resumes it",
+        )
+    if last_done is not None and is_oom_killed(last_done):
+        return (
+            Reason.OOM_KILLED,
+            "the last attempt was OOM-killed; retrying (raise spec.resources.memory "
+            "or lower training.batchSize)",
+        )
+    if last_done is not None:
+        return Reason.RETRYING, "the last attempt failed; the Job retries"
+    return Reason.POD_STARTING, "waiting for the trainer pod to start"
+
+
+def _active(obs: Observation, conds: list[Condition]) -> PhaseResult:
+    conds = obs.clear(conds, "Suspended", Reason.RESUMED, "the Job was resumed")
+    if running_pod(obs.pods) is not None:
+        return _running(obs, conds)
+    reason, msg = _waiting(obs)
+    return "Pending", obs.set(conds, "Running", False, reason, msg), {}
+
+
+def _job_phase(obs: Observation) -> Callable[[Observation, list[Condition]], PhaseResult]:
+    """Which phase function applies to the observed Job."""
+    job, summary = obs.job, obs.summary
+    if _job_condition(job, "Complete") is not None or (
+        obs.job_status.get("succeeded")
+        and summary is not None
+        and summary.outcome == Outcome.SUCCEEDED
+    ):
+        return _succeeded
+    if _job_condition(job, "Failed") is not None:
+        return _failed
+    if job.get("spec", {}).get("suspend") and not obs.job_status.get("active"):
+        return _suspended
+    return _active
+
+
+def _attempts(obs: Observation) -> dict[str, Any]:
+    """Job name, attempts, latest pod, preemptions and start time."""
+    previous = obs.previous
+    latest_pod = obs.pods[-1]["metadata"]["name"] if obs.pods else None
+    attempts = max(previous.attempts or 0, len(obs.pods))
+    if latest_pod is not None and latest_pod != previous.pod_name and previous.pod_name:
+        attempts = max(attempts, (previous.attempts or 0) + 1)
+    return {
+        "job_name": obs.job.get("metadata", {}).get("name"),
+        "attempts": attempts or None,
+        "pod_name": latest_pod or previous.pod_name,
+        "preemptions": max(previous.preemptions or 0, obs.preemptions) or None,
+        "start_time": previous.start_time or _parse_time(obs.job_status.get("startTime")),
+    }
+
+
+def _reported(
+    previous: FineTuneJobStatus, progress: Progress | None, summary: Summary | None
+) -> dict[str, Any]:
+    """Progress and checkpoints: what the trainer reports, else the last known."""
+    update: dict[str, Any] = {}
+    if progress is not None:
+        update["progress"] = _progress_status(progress)
+    checkpoints = list(previous.checkpoints)
+    if progress is not None and progress.checkpoints:
+        checkpoints = merge_checkpoints(checkpoints, progress.checkpoints)
+    if summary is not None and summary.last_checkpoint is not None:
+        checkpoints = merge_checkpoints(checkpoints, [summary.last_checkpoint])
+    update["checkpoints"] = checkpoints
+    return update
 
 
 def derive_status(
@@ -367,145 +578,64 @@ def derive_status(
         return previous
     if previous.phase in TERMINAL_PHASES and job is None:
         return previous  # finished, and the Job is gone (TTL, manual cleanup): keep the record
-
-    conds = list(previous.conditions)
-    g = generation
-    update: dict[str, Any] = {"observed_generation": g}
-
-    # progress and checkpoints: mirror what the trainer reports, keep the last known otherwise
-    if progress is not None:
-        update["progress"] = _progress_status(progress)
-    checkpoints = list(previous.checkpoints)
-    if progress is not None and progress.checkpoints:
-        checkpoints = merge_checkpoints(checkpoints, progress.checkpoints)
-    if summary is not None and summary.last_checkpoint is not None:
-        checkpoints = merge_checkpoints(checkpoints, [summary.last_checkpoint])
-    update["checkpoints"] = checkpoints
-
+    update = {"observed_generation": generation, **_reported(previous, progress, summary)}
     if job is None:
-        update["phase"] = previous.phase or "Pending"
-        return previous.model_copy(update=update)
-
-    job_status = job.get("status") or {}
-    ordered = sort_pods(pods)
-    preemptions = sum(1 for p in ordered if is_preempted(p))
-    update["job_name"] = job.get("metadata", {}).get("name")
-    latest_pod = ordered[-1]["metadata"]["name"] if ordered else None
-    attempts = max(previous.attempts or 0, len(ordered))
-    if latest_pod is not None and latest_pod != previous.pod_name and previous.pod_name:
-        attempts = max(attempts, (previous.attempts or 0) + 1)
-    update["attempts"] = attempts or None
-    update["pod_name"] = latest_pod or previous.pod_name
-    update["preemptions"] = max(previous.preemptions or 0, preemptions) or None
-    start = _parse_time(job_status.get("startTime"))
-    update["start_time"] = previous.start_time or start
-    conds = set_condition(
-        conds, "Created", True, "JobCreated", f"created Job {job['metadata']['name']}", now, g
+        return previous.model_copy(update={**update, "phase": previous.phase or "Pending"})
+    obs = Observation(spec, job, sort_pods(pods), progress, summary, previous, now, generation)
+    conds = obs.set(
+        list(previous.conditions),
+        "Created",
+        True,
+        Reason.JOB_CREATED,
+        f"created Job {job['metadata']['name']}",
+    )
+    phase, conds, extra = _job_phase(obs)(obs, conds)
+    return previous.model_copy(
+        update={**update, **_attempts(obs), **extra, "phase": phase, "conditions": conds}
     )
 
-    phase: JobPhase
-    if _job_condition(job, "Complete") is not None or (
-        job_status.get("succeeded") and summary is not None and summary.outcome == Outcome.SUCCEEDED
-    ):
-        phase = "Succeeded"
-        msg = "training finished"
-        if summary is not None and summary.adapter_uri:
-            msg = f"training finished; adapter at {summary.adapter_uri}"
-        elif summary is not None and summary.model_uri:
-            msg = f"training finished; model at {summary.model_uri}"
-        conds = set_condition(conds, "Succeeded", True, "Completed", msg, now, g)
-        conds = set_condition(conds, "Running", False, "Completed", msg, now, g)
-        conds = clear_condition(conds, "Suspended", "Completed", msg, now, g)
-        update["result"] = _result(summary) or previous.result
-        update["completion_time"] = (
-            previous.completion_time or _parse_time(job_status.get("completionTime")) or now
-        )
-        if progress is None and previous.progress is not None:
-            last = previous.progress
-            update["progress"] = last.model_copy(
-                update={
-                    "step": (summary.steps if summary else None) or last.total_steps or last.step,
-                    "stage": Phase.SUCCEEDED.value,
-                    "percent": 100.0,
-                    "eta_seconds": 0,
-                    "eta": "0s",
-                }
-            )
-    elif _job_condition(job, "Failed") is not None:
-        phase = "Failed"
-        reason, msg = _failure(job, ordered, summary, spec)
-        conds = set_condition(conds, "Failed", True, reason, msg, now, g)
-        conds = set_condition(conds, "Running", False, reason, msg, now, g)
-        conds = clear_condition(conds, "Suspended", reason, msg, now, g)
-        if summary is not None and summary.outcome != Outcome.INVALID_INPUT:
-            update["result"] = _result(summary) or previous.result
-        update["completion_time"] = (
-            previous.completion_time
-            or _parse_time((_job_condition(job, "Failed") or {}).get("lastTransitionTime"))
-            or now
-        )
-    elif job.get("spec", {}).get("suspend") and not job_status.get("active"):
-        phase = "Suspended"
-        if spec.suspend:
-            reason, msg = "SuspendedByUser", "spec.suspend is true: pods stopped, checkpoints kept"
-        elif spec.queue_name:
-            reason, msg = (
-                "WaitingForQueue",
-                f"waiting for Kueue to admit it (queue {spec.queue_name})",
-            )
-        else:
-            reason, msg = "Suspended", "the Job is suspended"
-        conds = set_condition(conds, "Suspended", True, reason, msg, now, g)
-        conds = set_condition(conds, "Running", False, reason, msg, now, g)
-    else:
-        current = ordered[-1] if ordered else None
-        running = (
-            current is not None
-            and current.get("status", {}).get("phase") == "Running"
-            and terminated_state(current) is None
-        )
-        pending = _pending_reason(current) if current is not None and not running else None
-        resumed = ""
-        if preemptions:
-            resumed = f" (resumed after {preemptions} preemption{'s' if preemptions > 1 else ''})"
-        conds = clear_condition(conds, "Suspended", "Resumed", "the Job was resumed", now, g)
-        if running:
-            stage = progress.phase if progress is not None else None
-            if stage == Phase.VALIDATING_DATA:
-                phase = "ValidatingData"
-                reason, msg = "ValidatingData", "the trainer is checking the dataset"
-            else:
-                phase = "Running"
-                reason = "PreemptedResuming" if preemptions else "Training"
-                msg = f"the trainer is {stage.value if stage else 'running'}{resumed}"
-            conds = set_condition(conds, "Running", True, reason, msg, now, g)
-        else:
-            phase = "Pending"
-            last_done = next((p for p in reversed(ordered) if terminated_state(p)), None)
-            if pending is not None:
-                reason, msg = pending
-            elif last_done is not None and is_preempted(last_done):
-                reason, msg = (
-                    "PreemptedResuming",
-                    ("the trainer was preempted after saving a checkpoint; a new pod resumes it"),
-                )
-            elif last_done is not None and is_oom_killed(last_done):
-                reason, msg = (
-                    "OOMKilled",
-                    (
-                        "the last attempt was OOM-killed; retrying (raise spec.resources.memory "
-                        "or lower training.batchSize)"
-                    ),
-                )
-            elif last_done is not None:
-                reason, msg = "Retrying", "the last attempt failed; the Job retries"
-            else:
-                reason, msg = "PodStarting", "waiting for the trainer pod to start"
-            conds = set_condition(conds, "Running", False, reason, msg, now, g)
 
-    update["phase"] = phase
-    update["conditions"] = conds
-    return previous.model_copy(update=update)
+# --------------------------------------------------------------------------------------------
+# statuses the operator sets itself, and the Events of phase transitions
+# --------------------------------------------------------------------------------------------
+def blocked_status(
+    previous: FineTuneJobStatus, message: str, now: datetime, generation: int | None = None
+) -> FineTuneJobStatus:
+    """A job waiting because the API server forbids creating its children for now (403)."""
+    conditions = set_condition(
+        previous.conditions, "Running", False, Reason.BLOCKED, message, now, generation
+    )
+    return previous.model_copy(
+        update={
+            "phase": previous.phase or "Pending",
+            "conditions": conditions,
+            "observed_generation": generation,
+        }
+    )
+
+
+class PhaseEvent(NamedTuple):
+    """A Kubernetes Event about a FineTuneJob."""
+
+    warning: bool
+    reason: str
+    message: str
+
+
+def phase_event(previous: FineTuneJobStatus, new: FineTuneJobStatus) -> PhaseEvent | None:
+    """The Event announcing a phase transition (None when the phase did not change): its reason
+    is the reason of the condition that explains the new phase; a Warning for Failed."""
+    if new.phase == previous.phase or new.phase is None:
+        return None
+    cond_type = {"Succeeded": "Succeeded", "Failed": "Failed", "Suspended": "Suspended"}.get(
+        new.phase, "Running"
+    )
+    cond = get_condition(new.conditions, cond_type)
+    reason = cond.reason if cond is not None else new.phase
+    message = f"{previous.phase or 'New'} -> {new.phase}" + (
+        f": {cond.message}" if cond is not None and cond.message else ""
+    )
+    return PhaseEvent(new.phase == "Failed", reason, message)
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,11 +8,7 @@ they skip when no kubeconfig exists or the API server does not answer /version.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import secrets
-import subprocess
-import sys
 from collections.abc import Generator, Iterator
 
 import pytest
@@ -23,13 +19,13 @@ from e2e_kube import (
     Obj,
     Operator,
     condition,
-    free_port,
     kubeconfig_problem,
     load_crd_manifest,
     quickstart_body,
+    start_operator,
     wait_for,
 )
-from finetune_operator.builders import job_name
+from finetune_operator.names import job_name
 from kubernetes_asyncio.client.exceptions import ApiException
 
 _RUNNING: list[Operator] = []  # the operator of the current module, for failure reports
@@ -106,16 +102,7 @@ def namespace(cluster: Cluster) -> Iterator[str]:
         )
         yield name
     finally:
-        # FineTuneJobs carry the operator's finalizer; if the operator is gone (crashed),
-        # drop it so that the namespace can go.
-        with contextlib.suppress(ApiException):
-            for item in cluster.ftjs(name):
-                if item["metadata"].get("finalizers"):
-                    with contextlib.suppress(ApiException):
-                        cluster.patch_ftj(
-                            name, item["metadata"]["name"], {"metadata": {"finalizers": None}}
-                        )
-        cluster.delete_namespace(name)
+        cluster.delete_namespace(name)  # FineTuneJobs carry no finalizer: nothing blocks it
 
 
 @pytest.fixture(scope="module")
@@ -123,46 +110,10 @@ def operator(
     cluster: Cluster, crd: Obj, namespace: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Operator]:
     """`python -m finetune_operator.main` watching only `namespace`, healthy on /healthz."""
-    work = tmp_path_factory.mktemp("operator")
-    port = free_port()
-    env = dict(os.environ)
-    for key in ("FINETUNE_ALLOWED_NAMESPACES", "FINETUNE_MAX_GPUS_PER_JOB", "FINETUNE_VERBOSE"):
-        env.pop(key, None)
-    env.update(
-        {
-            "FINETUNE_WATCH_NAMESPACES": namespace,
-            "FINETUNE_LIVENESS_ENDPOINT": f"http://127.0.0.1:{port}/healthz",
-            "FINETUNE_METRICS_PORT": "0",
-            "FINETUNE_POLL_INTERVAL_SECONDS": "1",
-            "FINETUNE_ALLOW_TRUST_REMOTE_CODE": "false",
-            "FINETUNE_LOG_FORMAT": "full",
-            "PYTHONUNBUFFERED": "1",
-        }
-    )
-    log_path = work / "operator.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "finetune_operator.main"],
-            cwd=work,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    running = Operator(proc=proc, log_path=log_path, healthz=env["FINETUNE_LIVENESS_ENDPOINT"])
+    running = start_operator(namespace, tmp_path_factory.mktemp("operator"))
     _RUNNING.append(running)
     try:
-        running.wait_healthy(timeout=60)
         yield running
-        # Delete what is left while the operator still runs, so that it removes its finalizers.
-        with contextlib.suppress(ApiException):
-            for item in cluster.ftjs(namespace):
-                cluster.delete_ftj(namespace, item["metadata"]["name"])
-            with contextlib.suppress(pytest.fail.Exception):
-                wait_for(
-                    lambda: not cluster.ftjs(namespace),
-                    "the FineTuneJobs to be deleted",
-                    timeout=60,
-                )
     finally:
         running.stop()
         _RUNNING.remove(running)

@@ -191,10 +191,16 @@ class Cluster:
         with contextlib.suppress(ApiException):
             self.call(self.core.delete_namespace(name, propagation_policy="Background"))
 
+    def namespace(self, name: str) -> Obj | None:
+        return self._or_none(self.core.read_namespace(name))
+
     # -- FineTuneJobs ------------------------------------------------------------------------
     def create_ftj(self, namespace: str, body: Obj) -> Obj:
+        """Create a FineTuneJob as `kubectl apply` would: unknown fields are an error (400)."""
         obj: Any = self.call(
-            self.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
+            self.custom.create_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURAL, body, field_validation="Strict"
+            )
         )
         if not isinstance(obj, dict):  # the client decodes only a 201 answer
             obj = self.ftj(namespace, body["metadata"]["name"])
@@ -373,7 +379,45 @@ class Operator:
             self.proc.wait(10)
 
 
-def run_cli(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+def start_operator(namespace: str, work: Path) -> Operator:
+    """`python -m finetune_operator.main` watching only `namespace`, healthy on /healthz (its
+    log in `work`); the caller stops it."""
+    port = free_port()
+    env = dict(os.environ)
+    for key in ("FINETUNE_ALLOWED_NAMESPACES", "FINETUNE_MAX_GPUS_PER_JOB", "FINETUNE_VERBOSE"):
+        env.pop(key, None)
+    env.update(
+        {
+            "FINETUNE_WATCH_NAMESPACES": namespace,
+            "FINETUNE_LIVENESS_ENDPOINT": f"http://127.0.0.1:{port}/healthz",
+            "FINETUNE_METRICS_PORT": "0",
+            "FINETUNE_POLL_INTERVAL_SECONDS": "1",
+            "FINETUNE_ALLOW_TRUST_REMOTE_CODE": "false",
+            "FINETUNE_LOG_FORMAT": "full",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    log_path = work / "operator.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "finetune_operator.main"],
+            cwd=work,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    operator = Operator(proc=proc, log_path=log_path, healthz=env["FINETUNE_LIVENESS_ENDPOINT"])
+    try:
+        operator.wait_healthy(timeout=60)
+    except BaseException:
+        operator.stop()
+        raise
+    return operator
+
+
+def run_cli(
+    *args: str, timeout: float = 120.0, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     """`finetune ARGS...` (the console script of this environment), plain-text output."""
     script = Path(sys.executable).with_name("finetune")
     if not script.is_file():
@@ -385,5 +429,6 @@ def run_cli(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[s
         text=True,
         timeout=timeout,
         env=env,
+        cwd=cwd,
         check=False,
     )

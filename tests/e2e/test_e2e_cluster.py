@@ -26,14 +26,8 @@ from e2e_kube import (
     wait_for,
 )
 from finetune_operator.api import API_VERSION, KIND
-from finetune_operator.builders import (
-    CONFIG_HASH_ANNOTATION,
-    CONFIG_KEY,
-    CONTAINER_NAME,
-    JOB_LABEL,
-    configmap_name,
-    job_name,
-)
+from finetune_operator.builders import CONFIG_HASH_ANNOTATION, CONFIG_KEY, CONTAINER_NAME, JOB_LABEL
+from finetune_operator.names import configmap_name, job_label, job_name
 from finetune_trainer.progress import TERMINATION_MESSAGE_PATH
 from kubernetes_asyncio.client.exceptions import ApiException
 
@@ -88,7 +82,7 @@ def test_quickstart_gets_an_owned_configmap_and_job(
         ref = controller_ref(child)
         assert ref["uid"] == uid
         assert (ref["apiVersion"], ref["kind"], ref["name"]) == (API_VERSION, KIND, name)
-        assert child["metadata"]["labels"][JOB_LABEL] == name
+        assert child["metadata"]["labels"][JOB_LABEL] == job_label(name)
 
     config = json.loads(configmap["data"][CONFIG_KEY])
     assert config["model"]["source"] == quickstart["spec"]["model"]["source"]
@@ -99,7 +93,7 @@ def test_quickstart_gets_an_owned_configmap_and_job(
 
     template = job["spec"]["template"]
     pod = template["spec"]
-    assert template["metadata"]["labels"][JOB_LABEL] == name
+    assert template["metadata"]["labels"][JOB_LABEL] == job_label(name)
     assert pod["automountServiceAccountToken"] is False
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["runAsUser"] != 0
@@ -139,7 +133,7 @@ def test_trainer_pod_is_admitted_under_restricted_pod_security(
     create the trainer pod there (it need not be scheduled or run)."""
     name = quickstart["metadata"]["name"]
     pods = wait_for(
-        lambda: cluster.pods(namespace, f"{JOB_LABEL}={name}"),
+        lambda: cluster.pods(namespace, f"{JOB_LABEL}={job_label(name)}"),
         f"a pod of Job {job_name(name)}",
         timeout=CHILD_TIMEOUT,
         detail=lambda: [
@@ -296,8 +290,8 @@ def test_suspend_and_resume(cluster: Cluster, namespace: str, quickstart: Obj) -
 def test_deleting_the_finetunejob_garbage_collects_its_children(
     cluster: Cluster, operator: Operator, namespace: str
 ) -> None:
-    """Deleting a FineTuneJob removes it (the operator drops its finalizer) and the real
-    garbage collector deletes its Job and ConfigMap."""
+    """Deleting a FineTuneJob removes it (it carries no finalizer) and the real garbage
+    collector deletes its Job and ConfigMap."""
     name = "gc-check"
     created = cluster.create_ftj(namespace, quickstart_body(namespace, name))
     uid = created["metadata"]["uid"]

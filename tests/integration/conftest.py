@@ -22,9 +22,17 @@ def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cluster
         yield c
 
 
+# what the claims of the lifecycle tests' spec hold (the fake trainer checks its sources exist)
+CLAIM_FILES = ("models/tiny-llama/config.json", "data/train.jsonl")
+
+
 @pytest.fixture()
 def kubelet(cluster: Cluster, tmp_path: Path) -> Iterator[Kubelet]:
-    k = Kubelet(cluster, tmp_path / "kubelet", command=list(FAKE_TRAINER)).start()
+    k = Kubelet(cluster, tmp_path / "kubelet", command=list(FAKE_TRAINER))
+    for name in CLAIM_FILES:
+        (k.pvc_root / name).parent.mkdir(parents=True, exist_ok=True)
+        (k.pvc_root / name).write_text("{}\n")
+    k.start()
     yield k
     k.stop()
 

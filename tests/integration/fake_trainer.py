@@ -1,11 +1,14 @@
-"""A stand-in trainer that honours the trainer contract (DESIGN.md section 5), fast.
+"""A stand-in trainer that honours the trainer contract (docs/contract.md), fast.
 
-Reads the run config from $FINETUNE_CONFIG, serves GET /progress on $FINETUNE_PROGRESS_PORT,
-"trains" FAKE_STEPS steps of FAKE_STEP_SECONDS each, writes checkpoints under the output
-(pvc:// resolved under $FINETUNE_PVC_ROOT), resumes from the last one, writes a Summary to
-$FINETUNE_TERMINATION_MESSAGE_PATH and exits with the contract's exit codes:
+Reads the run config from $FINETUNE_CONFIG, checks that every `source` it names exists
+(pvc:// resolved under $FINETUNE_PVC_ROOT, where only the mounted claims are), serves
+GET /progress on $FINETUNE_PROGRESS_PORT, "trains" FAKE_STEPS steps of FAKE_STEP_SECONDS each,
+writes checkpoints under the output, resumes from the last one, writes a Summary to
+$FINETUNE_TERMINATION_MESSAGE_PATH and exits with the contract's exit codes (the env names and
+codes are the constants of finetune_trainer.progress):
 
     FAKE_OUTCOME=succeeded (default) | invalid (exit 65) | crash (exit 1)
+    a missing source -> exit 65 naming it
     SIGTERM -> checkpoint saved, exit 75 (preempted)
 """
 
@@ -22,6 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from finetune_trainer.progress import (
+    ENV_CONFIG,
+    ENV_PROGRESS_PORT,
+    ENV_PVC_ROOT,
+    ENV_TERMINATION_PATH,
+    PROGRESS_PATH,
     CheckpointInfo,
     ExitCode,
     Outcome,
@@ -36,7 +44,7 @@ STATE: dict[str, Any] = {"progress": Progress()}
 
 class Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
-        if self.path != "/progress":
+        if self.path != PROGRESS_PATH:
             self.send_error(404)
             return
         body = STATE["progress"].to_json().encode()
@@ -52,20 +60,49 @@ class Handler(BaseHTTPRequestHandler):
 
 def resolve(uri: str) -> Path:
     if uri.startswith("pvc://"):
-        return Path(os.environ["FINETUNE_PVC_ROOT"]) / uri.removeprefix("pvc://")
+        return Path(os.environ[ENV_PVC_ROOT]) / uri.removeprefix("pvc://")
     return Path(uri)
 
 
 def finish(summary: Summary, code: int) -> None:
-    Path(os.environ["FINETUNE_TERMINATION_MESSAGE_PATH"]).write_text(
-        summary.to_termination_message()
-    )
+    Path(os.environ[ENV_TERMINATION_PATH]).write_text(summary.to_termination_message())
     sys.stdout.flush()
     os._exit(code)
 
 
+def sources(config: Any, path: str = "") -> list[tuple[str, str]]:
+    """(field path, URI) of every `source` in the run config, nested ones included."""
+    found = []
+    if isinstance(config, dict):
+        for key, value in config.items():
+            where = f"{path}.{key}" if path else key
+            if key == "source" and isinstance(value, str):
+                found.append((where, value))
+            else:
+                found.extend(sources(value, where))
+    elif isinstance(config, list):
+        for i, item in enumerate(config):
+            found.extend(sources(item, f"{path}[{i}]"))
+    return found
+
+
+def check_sources(config: dict[str, Any]) -> None:
+    """Exit 65 naming the first pvc:// source that is not there (e.g. its claim not mounted)."""
+    for where, uri in sources(config):
+        if uri.startswith("pvc://") and not resolve(uri).exists():
+            finish(
+                Summary(
+                    outcome=Outcome.INVALID_INPUT,
+                    reason="MissingSource",
+                    message=f"{where}: {uri} not found (is its claim mounted?)",
+                ),
+                ExitCode.INVALID_INPUT,
+            )
+
+
 def main() -> None:
-    config = json.loads(Path(os.environ["FINETUNE_CONFIG"]).read_text())
+    config = json.loads(Path(os.environ[ENV_CONFIG]).read_text())
+    check_sources(config)
     out_uri = config["output"]["uri"]
     out_dir = resolve(out_uri)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -73,7 +110,7 @@ def main() -> None:
     step_seconds = float(os.environ.get("FAKE_STEP_SECONDS", "0.2"))
     outcome = os.environ.get("FAKE_OUTCOME", "succeeded")
 
-    server = ThreadingHTTPServer(("127.0.0.1", int(os.environ["FINETUNE_PROGRESS_PORT"])), Handler)
+    server = ThreadingHTTPServer(("127.0.0.1", int(os.environ[ENV_PROGRESS_PORT])), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
 
     STATE["progress"] = Progress(phase=Phase.VALIDATING_DATA, total_steps=steps)

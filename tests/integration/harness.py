@@ -2,14 +2,18 @@
 
 - `Cluster`: the emulator on a real HTTP port, in its own thread and event loop, with the
   resources the operator and kopf touch declared for discovery, a kubeconfig pointing at it,
-  and sync helpers for tests (`get`, `create`, `patch`, `delete`, `wait_for`).
+  and sync helpers for tests (`get`, `create`, `patch`, `delete`, `wait_for`). Like a real API
+  server it refuses (422) children that break the name and label rules (`apiserver_rules`),
+  and `emulator.faults` injects errors (403, 500, ...) into the operator's requests.
 - `Kubelet`: what the Job controller, the kubelet and the garbage collector would do. It
   creates the pod a Job asks for and runs the pod's command as a local process (the real
-  trainer, or a stand-in), with the ConfigMap mount, the PVC root and the termination-message
-  file mapped to temp paths and the progress port to a free local port (the pod's containerPort
-  and podIP 127.0.0.1 are patched so the operator polls the local process); then writes pod
-  phase, the trainer's terminated state (exit code, termination message) and the Job's status
-  back, with podFailurePolicy semantics (65 fails the Job, 75 is ignored and retried),
+  trainer, or a stand-in) in a file system of its own: exactly the volumes the pod spec mounts
+  (each PVC its claim's directory under `pvc_root`, the ConfigMap's keys as files, emptyDirs),
+  with every absolute path in the container's env pointing into it, so a missing mount fails
+  the run. The progress port becomes a free local port (the pod's containerPort and podIP
+  127.0.0.1 are patched so the operator polls the local process); then it writes pod phase,
+  the trainer's terminated state (exit code, the message from the pod's
+  terminationMessagePath) and the Job's status back, applying the Job's own podFailurePolicy,
   backoffLimit, activeDeadlineSeconds and suspend (SIGTERM, pod deleted, Suspended condition).
   `Kubelet.fates` makes a Job's pods unschedulable, stuck pulling the image, or OOM-killed.
 """
@@ -32,8 +36,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
+import aiohttp.web
+import apiserver_rules
 import kmock
 from finetune_operator.api import API_VERSION, KIND, PLURAL
+from finetune_operator.builders import CONTAINER_NAME, PROGRESS_PORT_NAME
+from finetune_trainer.progress import ENV_PROGRESS_PORT
 from kopf.testing import KopfRunner
 from rest import Rest, core_path, custom_path, jobs_path
 
@@ -81,7 +89,7 @@ POD_FATES: dict[str, dict[str, Any]] = {
         "conditions": [{"type": "PodScheduled", "status": "True"}],
         "containerStatuses": [
             {
-                "name": "trainer",
+                "name": CONTAINER_NAME,
                 "ready": False,
                 "restartCount": 0,
                 "state": {
@@ -97,7 +105,7 @@ POD_FATES: dict[str, dict[str, Any]] = {
         "phase": "Failed",
         "containerStatuses": [
             {
-                "name": "trainer",
+                "name": CONTAINER_NAME,
                 "ready": False,
                 "restartCount": 0,
                 "state": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}},
@@ -109,6 +117,25 @@ POD_FATES: dict[str, dict[str, Any]] = {
 
 def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def in_root(root: Path, path: str) -> Path:
+    """Where a container's absolute `path` is in its file system rooted at `root`."""
+    return root / path.lstrip("/")
+
+
+def failure_policy_action(job: Obj, exit_code: int) -> tuple[str | None, int | None]:
+    """The Job's podFailurePolicy verdict on a trainer exit code: (action, rule index), as the
+    Job controller applies it (the first rule whose onExitCodes match), or (None, None)."""
+    rules = (job["spec"].get("podFailurePolicy") or {}).get("rules") or []
+    for index, rule in enumerate(rules):
+        codes = rule.get("onExitCodes")
+        if codes is None:
+            continue
+        matched = exit_code in codes["values"]
+        if matched == (codes["operator"] == "In"):
+            return rule["action"], index
+    return None, None
 
 
 def free_port() -> int:
@@ -129,10 +156,29 @@ if not callable(getattr(kmock.KubernetesEmulator, "_KubernetesEmulator__get_objs
     )
 
 
+def status_response(code: int, reason: str, message: str) -> aiohttp.web.Response:
+    """An API server's error answer (a metav1.Status)."""
+    body = {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code,
+    }
+    return aiohttp.web.json_response(body, status=code)
+
+
 class Emulator(kmock.KubernetesEmulator):
     """kmock's emulator plus what an API server adds: on create, name from generateName,
     uid, resourceVersion and creationTimestamp (kopf's events use generateName); on a spec
-    change, metadata.generation + 1.
+    change, metadata.generation + 1; and on create, the API server's refusal (422 Invalid,
+    with its message) of a ConfigMap, Job or pod that breaks its name and label rules
+    (`apiserver_rules`), which kmock itself would store.
+
+    `faults[("CREATE", "jobs")] = (403, "Forbidden", "exceeded quota: ...")` answers the
+    operator's requests of that verb and resource with that error until removed.
 
     It also counts the requests of everyone but the harness (and `ignored_agents`) as
     'VERB resource[/subresource]' in `counts`, and keeps only the tail of kmock's request
@@ -140,6 +186,29 @@ class Emulator(kmock.KubernetesEmulator):
     """
 
     ignored_agents: frozenset[str] = frozenset({HARNESS_AGENT})
+    validated_kinds: frozenset[str] = frozenset({"configmaps", "jobs", "pods"})
+
+    @property
+    def faults(self) -> dict[tuple[str, str], tuple[int, str, str]]:
+        found: dict[tuple[str, str], tuple[int, str, str]] = self.__dict__.setdefault("_faults", {})
+        return found
+
+    def refusal(self, request: Any) -> aiohttp.web.Response | None:
+        """The error a real API server would answer instead of doing the request, if any."""
+        plural = getattr(request.resource, "plural", None)
+        action = getattr(request.action, "name", None)
+        if request.headers.get("User-Agent") != HARNESS_AGENT:
+            fault = self.faults.get((str(action), str(plural)))
+            if fault is not None:
+                return status_response(*fault)
+        if action != "CREATE" or plural not in self.validated_kinds:
+            return None
+        if not isinstance(request.data, dict) or not (
+            errors := apiserver_rules.problems(request.data)
+        ):
+            return None
+        kind, name = request.data.get("kind"), request.data.get("metadata", {}).get("name")
+        return status_response(422, "Invalid", f'{kind} "{name}" is invalid: {", ".join(errors)}')
 
     def count(self, request: Any) -> None:
         counts: collections.Counter[str] = self.__dict__.setdefault("counts", collections.Counter())
@@ -170,6 +239,8 @@ class Emulator(kmock.KubernetesEmulator):
         if len(self._requests) > 2 * REQUEST_LOG:
             del self._requests[:-REQUEST_LOG]
         self.count(request)
+        if (refused := self.refusal(request)) is not None:
+            return refused
         if request.action == kmock.action.CREATE and isinstance(request.data, dict):
             meta = request.data.setdefault("metadata", {})
             if not meta.get("name") and meta.get("generateName"):
@@ -361,7 +432,7 @@ class Kubelet:
     fates: dict[str, str] = field(default_factory=dict)  # Job name -> a POD_FATES key
     interval: float = 0.1
     runs: dict[tuple[str, str], Run] = field(default_factory=dict)
-    pvc_root: Path = field(init=False)
+    pvc_root: Path = field(init=False)  # the claims' storage: claim NAME is pvc_root/NAME
     _task: Any = None
     _stop: bool = False
     errors: list[str] = field(default_factory=list)
@@ -551,7 +622,7 @@ class Kubelet:
         container = dict(pod_spec["containers"][0])
         port = free_port()
         container["ports"] = [
-            {**p, "containerPort": port} if p.get("name") == "progress" else p
+            {**p, "containerPort": port} if p.get("name") == PROGRESS_PORT_NAME else p
             for p in container.get("ports") or []
         ]
         pod_spec["containers"] = [container, *pod_spec["containers"][1:]]
@@ -563,12 +634,15 @@ class Kubelet:
             await self._job_status(run, {"active": 1, "conditions": []})
 
         work = self.tmp / f"{run.namespace}-{pod_name}"
-        work.mkdir(parents=True)
-        env = await self._env(run, container, work, port)
+        root = work / "root"
+        await self._mount(run, pod_spec, container, root)
+        env = await self._env(run, container, root)
+        env[ENV_PROGRESS_PORT] = str(port)  # the port's number changed with the containerPort
         command = list(self.command or container["command"])
         if command[0] == "python":
             command[0] = sys.executable
-        run.term_file = Path(env["FINETUNE_TERMINATION_MESSAGE_PATH"])
+        run.term_file = in_root(root, container["terminationMessagePath"])
+        run.term_file.parent.mkdir(parents=True, exist_ok=True)
         run.log_file = work / "log.txt"
         with run.log_file.open("wb") as log:
             run.proc = await asyncio.create_subprocess_exec(
@@ -584,7 +658,7 @@ class Kubelet:
                     "conditions": [{"type": "PodScheduled", "status": "True"}],
                     "containerStatuses": [
                         {
-                            "name": "trainer",
+                            "name": container["name"],
                             "ready": True,
                             "restartCount": 0,
                             "state": {"running": {"startedAt": now_iso()}},
@@ -634,47 +708,41 @@ class Kubelet:
         run.pod = pod_name
         return pod_name
 
-    async def _env(self, run: Run, container: Obj, work: Path, port: int) -> dict[str, str]:
+    async def _mount(self, run: Run, pod_spec: Obj, container: Obj, root: Path) -> None:
+        """The container's file system under `root`: exactly the volumes the pod spec mounts
+        (a PVC is its claim's directory under `pvc_root`, a ConfigMap its keys as files, an
+        emptyDir a fresh directory). A claim the pod does not mount is not there."""
+        volumes = {v["name"]: v for v in pod_spec.get("volumes") or []}
+        for mount in container.get("volumeMounts") or []:
+            volume = volumes[mount["name"]]
+            target = in_root(root, mount["mountPath"])
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if claim := volume.get("persistentVolumeClaim"):
+                storage = self.pvc_root / claim["claimName"]
+                storage.mkdir(parents=True, exist_ok=True)
+                target.symlink_to(storage, target_is_directory=True)
+            elif config_map := volume.get("configMap"):
+                target.mkdir()
+                cm = await self.api.get(core_path(run.namespace, "configmaps", config_map["name"]))
+                for key, value in (cm.get("data") or {}).items():
+                    (target / key).write_text(value)
+            else:
+                target.mkdir()
+
+    async def _env(self, run: Run, container: Obj, root: Path) -> dict[str, str]:
+        """The container's environment; absolute paths point into its file system at `root`."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("FINETUNE_")}
         for item in container.get("env") or []:
             if "value" in item:
-                env[item["name"]] = item["value"]
+                value = item["value"]
+                env[item["name"]] = str(in_root(root, value)) if value.startswith("/") else value
             elif ref := (item.get("valueFrom") or {}).get("secretKeyRef"):
                 secret = await self.api.get_or_none(
                     core_path(run.namespace, "secrets", ref["name"])
                 )
                 if secret and ref["key"] in (secret.get("stringData") or {}):
                     env[item["name"]] = secret["stringData"][ref["key"]]
-        config_dir = work / "config"
-        config_dir.mkdir()
-        for volume in await self._configmap_volumes(run, container):
-            for key, value in volume.items():
-                (config_dir / key).write_text(value)
-        (work / "tmp").mkdir()
-        env.update(
-            {
-                "FINETUNE_CONFIG": str(config_dir / "config.json"),
-                "FINETUNE_PVC_ROOT": str(self.pvc_root),
-                "FINETUNE_TERMINATION_MESSAGE_PATH": str(work / "termination-log"),
-                "FINETUNE_PROGRESS_PORT": str(port),
-                "HOME": str(work / "tmp"),
-                "HF_HOME": str(work / "tmp" / "hf"),
-                "HF_HUB_OFFLINE": "1",
-                **self.env,
-            }
-        )
-        return env
-
-    async def _configmap_volumes(self, run: Run, container: Obj) -> list[dict[str, str]]:
-        job = await self.api.get(jobs_path(run.namespace, run.name))
-        out = []
-        for volume in job["spec"]["template"]["spec"].get("volumes") or []:
-            if "configMap" in volume:
-                cm = await self.api.get(
-                    core_path(run.namespace, "configmaps", volume["configMap"]["name"])
-                )
-                out.append(dict(cm.get("data") or {}))
-        return out
+        return {**env, "HF_HUB_OFFLINE": "1", **self.env}
 
     async def _kill(self, run: Run) -> None:
         if run.proc is not None and run.proc.returncode is None:
@@ -710,7 +778,7 @@ class Kubelet:
                     "conditions": pod_conditions,
                     "containerStatuses": [
                         {
-                            "name": "trainer",
+                            "name": job["spec"]["template"]["spec"]["containers"][0]["name"],
                             "ready": False,
                             "restartCount": 0,
                             "state": {"terminated": terminated},
@@ -721,6 +789,7 @@ class Kubelet:
         )
         run.proc = None
         backoff = int(job["spec"].get("backoffLimit", 6))
+        action, rule = failure_policy_action(job, code)
         if run.deadline_exceeded:
             await self._fail_job(
                 run,
@@ -743,15 +812,15 @@ class Kubelet:
                     "conditions": [self._cond("Complete", reason="CompletionsReached")],
                 },
             )
-        elif code == 65:  # podFailurePolicy: FailJob
+        elif action == "FailJob":
             await self._fail_job(
                 run,
                 run.failed + 1,
                 "PodFailurePolicy",
                 f"Container trainer for pod {run.namespace}/{run.pod} failed "
-                "with exit code 65 matching FailJob rule at index 1",
+                f"with exit code {code} matching FailJob rule at index {rule}",
             )
-        elif code == 75:  # podFailurePolicy: Ignore -> a new pod, not counted
+        elif action == "Ignore":  # a new pod, not counted against backoffLimit
             await self._job_status(run, {"active": 0})
         else:
             await self._pod_failed(run, backoff)

@@ -11,6 +11,7 @@ from typing import Any
 
 from finetune_operator.api import GROUP, PLURAL, VERSION
 from finetune_operator.builders import JOB_LABEL
+from finetune_operator.names import job_label
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
@@ -93,11 +94,12 @@ class Rest:
 
     async def job_pods(self, namespace: str, name: str) -> list[Obj]:
         """The trainer pods of FineTuneJob `name`."""
+        label = job_label(name)
         listing = await self.get(
-            core_path(namespace, "pods"), params={"labelSelector": f"{JOB_LABEL}={name}"}
+            core_path(namespace, "pods"), params={"labelSelector": f"{JOB_LABEL}={label}"}
         )
         return [
             p
             for p in listing.get("items") or []
-            if (p.get("metadata", {}).get("labels") or {}).get(JOB_LABEL) == name
+            if (p.get("metadata", {}).get("labels") or {}).get(JOB_LABEL) == label
         ]

@@ -60,12 +60,10 @@ def test_apply_creates_configmap_and_job_once_and_succeeds(cluster, kubelet, ope
     assert any(c["best"] for c in status["checkpoints"])
     assert cluster.count("batch/v1/jobs", "default", "run1") == 1
     assert cluster.count("v1/configmaps", "default", "run1-config") == 1
-    # kopf's bookkeeping lives in finetune.dev annotations and the finetune.dev finalizer
+    # no finalizer (deletion never waits for the operator) and no kopf bookkeeping anywhere
     meta = cluster.ftj("run1")["metadata"]
-    assert all(f.startswith("finetune.dev/") for f in meta.get("finalizers", []))
-    annotations = meta.get("annotations") or {}
-    assert any(k.startswith("finetune.dev/") for k in annotations), annotations
-    assert not [k for k in annotations if k.startswith("kopf.zalando.org")]
+    assert not meta.get("finalizers")
+    assert not meta.get("annotations")
     assert not [k for k in status if k.startswith("kopf")]
     assert not kubelet.errors
 

@@ -120,10 +120,49 @@ CASES: list[tuple[str, str, str, dict[str, Any], dict[str, Any]]] = [
     ),
     (
         "qlora-needs-gpu",
-        "qlora needs a GPU",
+        "k-bit loading (qlora, or method.quantization) needs a GPU",
         ".spec.resources.gpus",
         spec_with(method={"type": "qlora"}, resources={"gpus": 1}),
         spec_with(method={"type": "qlora"}, resources={"gpus": 0}),
+    ),
+    (
+        "quantized-lora-needs-gpu",
+        "k-bit loading (qlora, or method.quantization) needs a GPU",
+        ".spec.resources.gpus",
+        spec_with(method={"type": "lora"}, resources={"gpus": 0}),
+        spec_with(method={"type": "dora", "quantization": {"bits": 8}}, resources={"gpus": 0}),
+    ),
+    (
+        "prefix-causal-lm-only",
+        "prefix and prompt tuning train causal-lm only",
+        ".spec.method.type",
+        spec_with(method={"type": "prefix"}),
+        spec_with(
+            task="sequence-classification",
+            dataset={"source": "s3://b/t", "format": "classification"},
+            method={"type": "prefix"},
+        ),
+    ),
+    (
+        "prompt-causal-lm-only",
+        "prefix and prompt tuning train causal-lm only",
+        ".spec.method.type",
+        spec_with(task="sequence-classification", method={"type": "ia3"}),
+        spec_with(task="sequence-classification", method={"type": "prompt"}),
+    ),
+    (
+        "virtual-tokens-fp32",
+        "prefix and prompt tuning run in fp32",
+        ".spec.training.precision",
+        spec_with(method={"type": "prompt"}, training={"precision": "fp32"}),
+        spec_with(method={"type": "prompt"}, training={"precision": "bf16"}),
+    ),
+    (
+        "virtual-tokens-no-fp16",
+        "prefix and prompt tuning run in fp32",
+        ".spec.training.precision",
+        spec_with(method={"type": "lora"}, training={"precision": "fp16"}),
+        spec_with(method={"type": "prefix"}, training={"precision": "fp16"}),
     ),
     (
         "mix-causal-lm",
@@ -468,6 +507,16 @@ def test_untyped_unions_are_left_to_the_model(field: str, bad: Any) -> None:
     assert no_errors(validate_object(job(spec))) == []
     with pytest.raises(ConfigError, match=f"spec.training.{field}: "):
         parse_spec(spec)
+
+
+def test_prefix_with_gradient_checkpointing_is_left_to_the_model() -> None:
+    """Same gap: gradientCheckpointing (true/false/auto) is untyped, so no CEL rule can read
+    it; the operator's model (and `finetune validate`) refuse prefix tuning with it on."""
+    spec = spec_with(method={"type": "prefix"}, training={"gradientCheckpointing": True})
+    assert no_errors(validate_object(job(spec))) == []
+    with pytest.raises(ConfigError, match=r"spec\.training\.gradientCheckpointing: prefix tuning"):
+        parse_spec(spec)
+    parse_spec(spec_with(method={"type": "prompt"}, training={"gradientCheckpointing": True}))
 
 
 # --------------------------------------------------------------------------------------------

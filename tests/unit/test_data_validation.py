@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import csv
+import gzip
+import io
 import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 from finetune_trainer.config import DatasetSpec
-from finetune_trainer.data import DatasetError, prepare_dataset, validate_dataset
+from finetune_trainer.data import DatasetError, prepare_dataset
 from finetune_trainer.data.report import MAX_EXAMPLES
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 
 @pytest.fixture(scope="module")
@@ -65,10 +70,12 @@ def test_every_problem_with_its_line(tmp_path: Path, tok: Any) -> None:
     assert lines_of(report, "missing_field") == [5]
     assert lines_of(report, "empty_field") == [6]
     assert lines_of(report, "wrong_type") == [7]
-    # duplicates are soft: reported, not in the error message
+    # duplicates are soft (dropped, not errors) and reported with the errors all the same
     assert lines_of(report, "duplicate") == [8]
     assert report.groups["duplicate"].severity == "warning"
-    assert "duplicate" not in message
+    handled = message.index("Also found (handled as configured, not errors):")
+    assert message.index(f"{f}:8: same as {f}:1") > handled
+    assert "- duplicate record (1) (dropped)" in message
     data = report.to_dict()
     json.dumps(data)
     assert data["ok"] is False
@@ -236,17 +243,103 @@ def test_validation_source_errors_are_reported_too(tmp_path: Path, tok: Any) -> 
     assert f"{val}:2: field 'output' is missing" in str(err)
 
 
-def test_validate_dataset_never_raises(tmp_path: Path, tok: Any) -> None:
-    path = tmp_path / "t.jsonl"
-    path.write_text(ok(1) + "\n{bad\n" + ok(2) + "\n")
-    spec = DatasetSpec(source=str(path))
-    report = validate_dataset(spec, "causal-lm", tok)
-    assert not report.ok and lines_of(report, "malformed") == [2]
-    assert "INVALID" in report.render()
-    # without a tokenizer: structure only, with a warning
-    path.write_text(ok(1) + "\n" + ok(2) + "\n")
-    report = validate_dataset(spec, "causal-lm")
-    assert report.ok and any("no tokenizer" in w for w in report.warnings)
-    assert report.stats.train.examples == 2
-    rendered = report.render()
-    assert "Format: alpaca" in rendered and rendered.endswith("OK")
+# -- a whole file in the wrong encoding or layout: one message, not one per line ---------------
+ENCODINGS = ["utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le", "utf-32-be"]
+records = st.lists(
+    st.fixed_dictionaries(
+        {
+            "instruction": st.text(st.characters(max_codepoint=126, min_codepoint=32), min_size=1),
+            "output": st.text(st.characters(max_codepoint=126, min_codepoint=32), min_size=1),
+        }
+    ),
+    min_size=2,
+    max_size=30,
+)
+
+
+def _render(rows: list[dict[str, str]], suffix: str) -> str:
+    if suffix == ".json":
+        return json.dumps(rows, indent=2)
+    if suffix == ".csv":
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=["instruction", "output"])
+        writer.writeheader()
+        writer.writerows(rows)
+        return out.getvalue()
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    rows=records,
+    encoding=st.sampled_from(ENCODINGS),
+    suffix=st.sampled_from([".jsonl", ".json", ".csv"]),
+)
+def test_a_utf16_or_utf32_file_is_one_message(
+    tmp_path: Path, tok: Any, rows: list[dict[str, str]], encoding: str, suffix: str
+) -> None:
+    path = tmp_path / f"train{suffix}"
+    path.write_bytes(_render(rows, suffix).encode(encoding))
+    err = fail(tok, path)
+    assert list(err.report.groups) == ["encoding"], err.report.groups
+    (issue,) = err.report.groups["encoding"].examples
+    assert issue.message.startswith(f"{path}: this file ")
+    assert f"{encoding[:6].upper()}" in issue.message and "save it as UTF-8" in issue.message
+
+
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        (gzip.compress(b'{"text": "x"}\n'), "gzip-compressed file; give it a .gz suffix"),
+        (bytes(range(256)) * 8, "binary file, not text"),
+        (b"PAR1" + bytes(100), "Parquet file; give it a .parquet suffix"),
+    ],
+)
+def test_a_binary_file_is_one_message(tmp_path: Path, tok: Any, content: bytes, says: str) -> None:
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(content)
+    err = fail(tok, path)
+    assert [(g.kind, g.count) for g in err.report.groups.values()] == [("encoding", 1)]
+    assert f"{path}: this is a {says}" in str(err)
+
+
+@pytest.mark.parametrize("indent", [None, 2])
+def test_a_json_array_saved_as_jsonl_is_one_message(
+    tmp_path: Path, tok: Any, indent: int | None
+) -> None:
+    rows = [{"instruction": f"Task {i}", "output": f"Answer {i}"} for i in range(20)]
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps(rows, indent=indent))
+    err = fail(tok, path)
+    assert [(g.kind, g.count) for g in err.report.groups.values()] == [("layout", 1)]
+    assert (
+        f"{path}: this is a JSON array, not JSON lines; name the file .json or write one object "
+        "per line" in str(err)
+    )
+
+
+def test_a_compressed_file_that_is_not_is_a_dataset_error(tmp_path: Path, tok: Any) -> None:
+    path = tmp_path / "train.jsonl.gz"
+    path.write_text(ok(1) + "\n")
+    assert f"{path}: cannot decompress" in str(fail(tok, path))
+    junk = tmp_path / "train.parquet"
+    junk.write_bytes(b"not parquet at all" * 10)
+    assert f"{junk}: not a readable Parquet file" in str(fail(tok, junk))
+
+
+def test_every_problem_class_is_reported_at_once_with_counts(tmp_path: Path, tok: Any) -> None:
+    lines = (
+        [ok(i) for i in range(12)]
+        + ["{bad"] * 3
+        + [ok(0), ok(1)]
+        + [json.dumps({"instruction": "x"})] * 2
+    )
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    message = str(fail(tok, path, format="alpaca"))
+    assert "- malformed record (3)" in message
+    assert "- missing field (2)" in message
+    assert "- duplicate record (2) (dropped)" in message
+    assert f"{path}:16: same as {path}:1" in message and f"{path}:17: same as {path}:2" in message

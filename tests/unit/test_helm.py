@@ -24,6 +24,10 @@ from finetune_operator.rbac import CLUSTER_RULES, NAMESPACED_RULES
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CHART = REPO_ROOT / "helm" / "finetune-operator"
 RELEASE, NAMESPACE = "ft", "finetune-system"
+FULL = f"{RELEASE}-finetune-operator"
+SCOPED = f"{NAMESPACE}-{FULL}"  # objects outside the release namespace
+# API kinds without a namespace: their names are cluster-wide
+CLUSTER_SCOPED = {"ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition"}
 
 # Kinds whose schema kubernetes-validate does not ship (CRD-defined); checked by hand below.
 THIRD_PARTY_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
@@ -92,19 +96,23 @@ def helm() -> Path:
     return path
 
 
+def _template(helm: Path, release: str, namespace: str, *args: str) -> list[Manifest]:
+    out = subprocess.run(
+        [str(helm), "template", release, str(CHART), "-n", namespace, *args],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
 @pytest.fixture(scope="session")
 def render(helm: Path) -> Callable[..., list[Manifest]]:
     cache: dict[tuple[str, ...], list[Manifest]] = {}
 
     def _render(*args: str) -> list[Manifest]:
         if args not in cache:
-            out = subprocess.run(
-                [str(helm), "template", RELEASE, str(CHART), "-n", NAMESPACE, *args],
-                check=True,
-                capture_output=True,
-                text=True,
-            ).stdout
-            cache[args] = [d for d in yaml.safe_load_all(out) if d]
+            cache[args] = _template(helm, RELEASE, NAMESPACE, *args)
         return cache[args]
 
     return _render
@@ -226,13 +234,12 @@ def test_rbac_cluster_wide_mode_is_exactly_what_the_operator_needs(
     render: Callable[..., list[Manifest]],
 ) -> None:
     docs = render()
-    full = f"{RELEASE}-finetune-operator"
     cluster_roles = _rules_of(docs, "ClusterRole")
-    assert cluster_roles[(None, full)] == NAMESPACED_RULES
-    assert cluster_roles[(None, f"{full}-cluster")] == CLUSTER_RULES
+    assert cluster_roles[(None, SCOPED)] == NAMESPACED_RULES
+    assert cluster_roles[(None, f"{SCOPED}-cluster")] == CLUSTER_RULES
     assert not [d for d in docs if d["kind"] in ("Role", "RoleBinding")]
-    _assert_binds(docs, "ClusterRole", full, None, full)
-    _assert_binds(docs, "ClusterRole", f"{full}-cluster", None, full)
+    _assert_binds(docs, "ClusterRole", SCOPED, None, FULL)
+    _assert_binds(docs, "ClusterRole", f"{SCOPED}-cluster", None, FULL)
     assert "--all-namespaces" in _container(docs)["args"]
     assert not [a for a in _container(docs)["args"] if a.startswith("--namespace")]
 
@@ -241,17 +248,16 @@ def test_rbac_namespaced_mode_is_exactly_what_the_operator_needs(
     render: Callable[..., list[Manifest]],
 ) -> None:
     docs = render(*NON_DEFAULT["namespaced"])
-    full = f"{RELEASE}-finetune-operator"
     roles = _rules_of(docs, "Role")
-    assert roles == {("team-a", full): NAMESPACED_RULES, ("team-b", full): NAMESPACED_RULES}
+    assert roles == {("team-a", SCOPED): NAMESPACED_RULES, ("team-b", SCOPED): NAMESPACED_RULES}
     for ns in ("team-a", "team-b"):
-        _assert_binds(docs, "Role", full, ns, full)
+        _assert_binds(docs, "Role", SCOPED, ns, FULL)
     cluster_roles = _rules_of(docs, "ClusterRole")
-    assert cluster_roles.pop((None, f"{full}-cluster")) == CLUSTER_RULES
+    assert cluster_roles.pop((None, f"{SCOPED}-cluster")) == CLUSTER_RULES
     # The only other ClusterRoles are the aggregated user roles: no cluster-wide grant.
-    assert set(cluster_roles) == {(None, "finetune-editor"), (None, "finetune-viewer")}
+    assert set(cluster_roles) == {(None, f"{SCOPED}-editor"), (None, f"{SCOPED}-viewer")}
     assert [d["metadata"]["name"] for d in docs if d["kind"] == "ClusterRoleBinding"] == [
-        f"{full}-cluster"
+        f"{SCOPED}-cluster"
     ]
     args = _container(docs)["args"]
     assert "--all-namespaces" not in args
@@ -281,8 +287,8 @@ def test_no_wildcards_in_any_rendered_rule(
 
 def test_aggregated_user_roles(render: Callable[..., list[Manifest]]) -> None:
     docs = render()
-    editor = _one(docs, "ClusterRole", "finetune-editor")
-    viewer = _one(docs, "ClusterRole", "finetune-viewer")
+    editor = _one(docs, "ClusterRole", f"{SCOPED}-editor")
+    viewer = _one(docs, "ClusterRole", f"{SCOPED}-viewer")
     agg = "rbac.authorization.k8s.io/aggregate-to-"
     assert editor["metadata"]["labels"][f"{agg}admin"] == "true"
     assert editor["metadata"]["labels"][f"{agg}edit"] == "true"
@@ -310,7 +316,7 @@ def test_aggregated_user_roles(render: Callable[..., list[Manifest]]) -> None:
                 assert set(rule["verbs"]) <= {"get", "list", "watch"}
     assert all(set(r["verbs"]) <= {"get", "list", "watch"} for r in viewer["rules"])
     no_agg = render(*NON_DEFAULT["cluster-netpol"])
-    assert not [d for d in no_agg if d["metadata"]["name"].startswith("finetune-")]
+    assert not [d for d in no_agg if d["metadata"]["name"].endswith(("-editor", "-viewer"))]
 
 
 # --------------------------------------------------------------------------------------------
@@ -458,3 +464,42 @@ def test_notes_tell_the_user_what_to_run_next(helm: Path) -> None:
     notes = out.split("NOTES:", 1)[1]
     assert "kubectl wait --for=condition=Succeeded ftj/quickstart" in notes
     assert "It watches every namespace." in notes
+
+
+# --------------------------------------------------------------------------------------------
+# several installations in one cluster
+# --------------------------------------------------------------------------------------------
+def _identities(docs: list[Manifest], namespace: str) -> set[tuple[str, str | None, str]]:
+    """(kind, namespace, name) of every object (None: cluster-scoped)."""
+    return {
+        (
+            d["kind"],
+            None if d["kind"] in CLUSTER_SCOPED else d["metadata"].get("namespace", namespace),
+            d["metadata"]["name"],
+        )
+        for d in docs
+    }
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        (("finetune-operator", "team-a-ops"), ("finetune-operator", "team-b-ops")),
+        (("ft-a", "ml-ops"), ("ft-b", "ml-ops")),
+    ],
+    ids=["same-release-name-two-namespaces", "two-releases-one-namespace"],
+)
+@pytest.mark.parametrize("values", ["default", *NON_DEFAULT])
+def test_two_installations_share_no_object_but_the_crd(
+    helm: Path, first: tuple[str, str], second: tuple[str, str], values: str
+) -> None:
+    """Every object of an installation is named after its release and namespace (the CRD is
+    the one shared object: docs/platform-guide.md, one CRD per cluster), except a
+    serviceAccount.name given explicitly, which is used as given."""
+    args = ["--include-crds", *NON_DEFAULT.get(values, [])]
+    a = _identities(_template(helm, *first, *args), first[1])
+    b = _identities(_template(helm, *second, *args), second[1])
+    shared = {("CustomResourceDefinition", None, f"{PLURAL}.{GROUP}")}
+    if "serviceAccount.name=custom-sa" in args and first[1] == second[1]:
+        shared.add(("ServiceAccount", first[1], "custom-sa"))
+    assert a & b == shared

@@ -444,3 +444,55 @@ def test_hand_picked_refusals_agree(path: tuple[str, ...], value: Any) -> None:
     assert list(VALIDATOR.iter_errors(job(spec))) or validate_object(job(spec))
     with pytest.raises(ValidationError):
         FineTuneJobSpec.model_validate(spec)
+
+
+# --------------------------------------------------------------------------------------------
+# `finetune validate` admits exactly what the cluster admits (API server schema + CEL, then the
+# operator's own check of the spec and the platform policy)
+# --------------------------------------------------------------------------------------------
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
+@given(spec=specs, trust=st.booleans(), max_gpus=st.sampled_from([0, 1, 8]))
+def test_validate_admits_exactly_what_the_cluster_admits(
+    spec: dict[str, Any], trust: bool, max_gpus: int
+) -> None:
+    from finetune_operator.admission import admit
+    from finetune_operator.policy import Policy
+    from finetune_operator.policy import validate as operator_validate
+
+    policy = Policy(allow_trust_remote_code=trust, max_gpus_per_job=max_gpus)
+    _, operator_errors = operator_validate(spec, "default", policy)
+    cluster_refuses = bool(crd_problems(spec)) or bool(operator_errors)
+    assert bool(admit(job(spec), policy)) == cluster_refuses, (
+        admit(job(spec), policy),
+        crd_problems(spec),
+        operator_errors,
+    )
+
+
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [
+        (("training", "batchSize"), "8"),
+        (("training", "epochs"), "2"),
+        (("suspend",), "true"),
+        (("resources", "gpus"), "1"),
+        (("training", "learningRate"), 5),
+    ],
+)
+def test_validate_is_typed_like_the_api_server_where_the_model_is_lax(
+    path: tuple[str, ...], value: Any
+) -> None:
+    """The model alone would coerce these ("8" -> 8); the API server refuses them (schema or
+    CEL), so `finetune validate` must too."""
+    from finetune_operator.admission import admit
+
+    spec = _set(BASE, path, value)
+    assert crd_problems(spec) or _operator_refuses(spec)
+    assert any(line.startswith("spec." + ".".join(path)) for line in admit(job(spec)))
+
+
+def _operator_refuses(spec: dict[str, Any]) -> bool:
+    from finetune_operator.policy import Policy
+    from finetune_operator.policy import validate as operator_validate
+
+    return bool(operator_validate(spec, "default", Policy())[1])

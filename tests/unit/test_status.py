@@ -1,18 +1,26 @@
-"""derive_status over a table of observed states; conditions; merge patches."""
+"""derive_status over a table of observed states; conditions; events; merge patches."""
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 from finetune_operator.api import FineTuneJobStatus, parse_spec
+from finetune_operator.reasons import Reason
 from finetune_operator.status import (
+    PhaseEvent,
+    blocked_status,
     derive_status,
+    failed_status,
     format_eta,
     get_condition,
     merge_checkpoints,
     merge_patch,
+    phase_event,
+    running_pod,
     set_condition,
     status_dict,
     status_patch,
@@ -481,3 +489,118 @@ def test_success_completes_the_last_progress() -> None:
     assert done.progress is not None
     assert (done.progress.step, done.progress.percent, done.progress.eta) == (200, 100.0, "0s")
     assert done.progress.stage == "succeeded"
+
+
+def test_every_reason_set_is_a_declared_constant() -> None:
+    for case in CASES:
+        status = derive_status(SPEC, *case[1:5], FineTuneJobStatus(), T1, 1)
+        for cond in status.conditions:
+            assert cond.reason in set(Reason), (case[0], cond.reason)
+
+
+def test_an_unknown_job_failure_reason_is_job_failed_with_it_in_the_message() -> None:
+    failed = job(("Failed", "FailedIndexes"), failed=1)
+    status = derive_status(SPEC, failed, [], None, None, FineTuneJobStatus(), T1)
+    cond = get_condition(status.conditions, "Failed")
+    assert cond is not None and cond.reason == Reason.JOB_FAILED
+    assert cond.message == "FailedIndexes: Failed FailedIndexes"
+
+
+def test_every_reason_is_documented_in_the_operator_guide() -> None:
+    text = (Path(__file__).resolve().parents[2] / "docs" / "operator.md").read_text()
+    section = text.split("## Status", 1)[1].split("\n## ", 1)[0]
+    documented = set(re.findall(r"^\| `([A-Za-z]+)` \|", section, re.MULTILINE))
+    assert documented == {r.value for r in Reason}
+
+
+def test_running_pod_is_the_newest_pod_whose_trainer_runs() -> None:
+    done = pod("ft-a", "Failed", terminated=term(75))
+    assert running_pod([]) is None
+    assert running_pod([done]) is None
+    assert running_pod([pod(phase="Pending")]) is None
+    newer = pod("ft-b", created="2026-01-01T12:02:00Z")
+    older = pod("ft-c", created="2026-01-01T12:01:00Z")
+    assert running_pod([newer, done, older]) is newer
+    exited = pod("ft-d", "Running", terminated=term(0), created="2026-01-01T12:03:00Z")
+    assert running_pod([newer, exited]) is newer  # phase not updated yet, trainer exited
+
+
+def _status(phase: Any, *conds: tuple[str, bool, str, str]) -> FineTuneJobStatus:
+    conditions: list[Any] = []
+    for type_, wire, reason, message in conds:
+        conditions = set_condition(conditions, type_, wire, reason, message, T0)  # type: ignore[arg-type]
+    return FineTuneJobStatus(phase=phase, conditions=conditions)
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "event"),
+    [
+        (_status("Pending"), _status("Pending"), None),
+        (_status(None), _status(None), None),
+        (
+            _status(None),
+            _status("Pending", ("Running", False, "PodStarting", "waiting")),
+            PhaseEvent(False, "PodStarting", "New -> Pending: waiting"),
+        ),
+        (
+            _status("Pending"),
+            _status("Running", ("Running", True, "Training", "the trainer is training")),
+            PhaseEvent(False, "Training", "Pending -> Running: the trainer is training"),
+        ),
+        (
+            _status("Running"),
+            _status("Succeeded", ("Succeeded", True, "Completed", "training finished")),
+            PhaseEvent(False, "Completed", "Running -> Succeeded: training finished"),
+        ),
+        (
+            _status("Running"),
+            _status(
+                "Failed", ("Running", False, "OOMKilled", "x"), ("Failed", True, "OOMKilled", "oom")
+            ),
+            PhaseEvent(True, "OOMKilled", "Running -> Failed: oom"),
+        ),
+        (
+            _status("Running"),
+            _status("Suspended", ("Suspended", True, "SuspendedByUser", "spec.suspend")),
+            PhaseEvent(False, "SuspendedByUser", "Running -> Suspended: spec.suspend"),
+        ),
+        (
+            _status("Pending"),
+            _status("ValidatingData", ("Running", True, "ValidatingData", "checking")),
+            PhaseEvent(False, "ValidatingData", "Pending -> ValidatingData: checking"),
+        ),
+        (_status("Running"), _status("Failed"), PhaseEvent(True, "Failed", "Running -> Failed")),
+    ],
+    ids=[
+        "same",
+        "none",
+        "first",
+        "running",
+        "succeeded",
+        "failed-warning",
+        "suspended",
+        "validating",
+        "no-condition",
+    ],
+)
+def test_phase_event(
+    before: FineTuneJobStatus, after: FineTuneJobStatus, event: PhaseEvent | None
+) -> None:
+    assert phase_event(before, after) == event
+
+
+def test_blocked_status_waits_and_clears_on_the_next_derivation() -> None:
+    blocked = blocked_status(FineTuneJobStatus(), "403 Forbidden: exceeded quota", T0, 1)
+    running = get_condition(blocked.conditions, "Running")
+    assert blocked.phase == "Pending" and running is not None
+    assert (running.status, running.reason) == ("False", "Blocked")
+    after = derive_status(SPEC, job(active=1), [pod()], PROGRESS, None, blocked, T1, 1)
+    cond = get_condition(after.conditions, "Running")
+    assert cond is not None and (cond.status, cond.reason) == ("True", "Training")
+
+
+@pytest.mark.parametrize("reason", ["ChildRejected", "StatusRejected", "NameConflict"])
+def test_operator_failures_stay_failed(reason: str) -> None:
+    failed = failed_status(FineTuneJobStatus(), reason, "refused", T0, 1)
+    again = derive_status(SPEC, job(active=1), [pod()], PROGRESS, None, failed, T1, 1)
+    assert again == failed and again.phase == "Failed"

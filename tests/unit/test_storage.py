@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from fake_servers import S3_SLOW_DOWN, FakeServer, free_port
 from finetune_trainer import storage
 from finetune_trainer.config import DatasetSpec
 from finetune_trainer.data import DatasetError, load_records, prepare_dataset
+from finetune_trainer.errors import TransientError
 
 
 # -- resolve --------------------------------------------------------------------------------
@@ -103,7 +106,9 @@ def test_local_download_and_upload(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     out = tmp_path / "pvc" / "outputs" / "run1" / "adapter"
     assert (out / "sub" / "b.txt").read_text() == "b"
     assert storage.download("pvc://outputs/run1/adapter", tmp_path / "unused") == out
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(
+        storage.StorageError, match=r"pvc://outputs/missing \(resolved to .*\): not found"
+    ):
         storage.download("pvc://outputs/missing", tmp_path / "unused")
 
 
@@ -129,7 +134,7 @@ def test_s3_upload_download_roundtrip(s3: str, tmp_path: Path) -> None:
         assert json.load(handle) == {"a": 1}
     storage.upload(src / "config.json", f"{s3}/single/config.json")
     assert storage.exists(f"{s3}/single/config.json")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(storage.StorageError, match=r"here\.bin: not found"):
         storage.download(f"{s3}/nothing/here.bin", tmp_path / "x")
 
 
@@ -158,3 +163,71 @@ def test_s3_dataset_with_line_numbers(s3: str, tmp_path: Path, tiny_tokenizer_di
 def test_s3_missing_source_is_a_dataset_error(s3: str) -> None:
     with pytest.raises(DatasetError, match="not found"):
         load_records(DatasetSpec(source=f"{s3}/nope/train.jsonl"))
+
+
+# -- S3 failing: the user's problems (exit 65) vs outages (retryable) --------------------------
+@pytest.fixture
+def s3_at(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], None]:
+    """Point S3 at an endpoint, with credentials, one attempt per request and no IMDS lookup."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    return lambda endpoint: monkeypatch.setenv("FINETUNE_S3_ENDPOINT_URL", endpoint)
+
+
+@pytest.mark.parametrize("status", [500, 503])
+def test_s3_server_errors_are_transient(
+    status: int, s3_at: Callable[[str], None], tmp_path: Path
+) -> None:
+    server = FakeServer(status, S3_SLOW_DOWN)
+    s3_at(server.url)
+    try:
+        with pytest.raises(
+            TransientError, match=f"s3://b/train.jsonl: the server answered {status}"
+        ):
+            load_records(DatasetSpec(source="s3://b/train.jsonl"))
+        with pytest.raises(TransientError, match="transient"):
+            storage.download("s3://b/model", tmp_path / "m")
+        (tmp_path / "a.txt").write_text("a")
+        with pytest.raises(TransientError, match=r"s3://b/out/a\.txt: "):
+            storage.upload(tmp_path / "a.txt", "s3://b/out/a.txt")
+    finally:
+        server.close()
+    assert server.requests >= 3
+
+
+def test_s3_unreachable_is_transient(s3_at: Callable[[str], None], tmp_path: Path) -> None:
+    s3_at(f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(TransientError, match=r"unreachable \(EndpointConnectionError"):
+        load_records(DatasetSpec(source="s3://b/train.jsonl"))
+    with pytest.raises(TransientError):
+        storage.exists("s3://b/train.jsonl")
+
+
+def test_s3_without_credentials_is_an_input_error(
+    s3_at: Callable[[str], None], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    server = FakeServer(200)  # never asked: signing the request fails first
+    s3_at(server.url)
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    try:
+        with pytest.raises(DatasetError) as err:
+            load_records(DatasetSpec(source="s3://b/train.jsonl"))
+        with pytest.raises(storage.StorageError, match="no credentials"):
+            storage.download("s3://b/model", tmp_path / "m")
+    finally:
+        server.close()
+    assert "s3://b/train.jsonl: no credentials: set AWS_ACCESS_KEY_ID" in str(err.value)
+    assert "spec.secrets.storage" in str(err.value)
+    assert server.requests == 0
+
+
+def test_s3_missing_bucket_is_an_input_error(s3: str, tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("a")
+    with pytest.raises(storage.StorageError, match=r"s3://no-such-bucket-x1/a\.txt: "):
+        storage.upload(tmp_path / "a.txt", "s3://no-such-bucket-x1/a.txt")

@@ -14,6 +14,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import pytest
+from fake_servers import FakeServer
 from finetune_trainer.progress import ExitCode, Outcome, Progress, Summary
 
 REPO = Path(__file__).resolve().parents[2]
@@ -141,3 +143,47 @@ def test_invalid_dataset_exits_65_with_line_numbers(tiny_model_dir: Path, tmp_pa
     assert summary is not None and summary.outcome == Outcome.INVALID_INPUT
     assert "bad.jsonl:3" in (summary.message or "")
     assert not (tmp_path / "out" / "adapter").exists()
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "outcome", "reason"),
+    [
+        (503, ExitCode.FAILED, Outcome.FAILED, "Transient"),
+        (404, ExitCode.INVALID_INPUT, Outcome.INVALID_INPUT, "InvalidInput"),
+    ],
+)
+def test_the_pod_exits_retryable_on_a_hub_outage_and_65_on_a_missing_model(
+    tmp_path: Path, status: int, code: ExitCode, outcome: Outcome, reason: str
+) -> None:
+    """The contract's exit codes for the Hub failing: the operator retries an outage, and
+    fails at once (podFailurePolicy) for a model that is not there."""
+    hub = FakeServer(status)
+    config = {**_config(tmp_path, tmp_path / "out"), "model": {"source": "hf://acme/tiny"}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    term = tmp_path / "termination-log"
+    env = {
+        **os.environ,
+        "FINETUNE_CONFIG": str(tmp_path / "config.json"),
+        "FINETUNE_PROGRESS_PORT": str(_free_port()),
+        "FINETUNE_TERMINATION_MESSAGE_PATH": str(term),
+        "HF_ENDPOINT": hub.url,
+        "HF_HOME": str(tmp_path / "hf"),
+        "HF_HUB_OFFLINE": "0",
+    }
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "finetune_trainer"],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    finally:
+        hub.close()
+    assert proc.returncode == int(code), proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    summary = Summary.from_termination_message(term.read_text())
+    assert summary is not None and summary.outcome == outcome and summary.reason == reason
+    assert summary.message is not None
+    assert summary.message.startswith("model.source: hf://acme/tiny: ")

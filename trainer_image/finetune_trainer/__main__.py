@@ -1,4 +1,4 @@
-"""Container entrypoint: `python -m finetune_trainer` (DESIGN.md section 5).
+"""Container entrypoint: `python -m finetune_trainer` (the contract: docs/contract.md).
 
 Reads the run config from $FINETUNE_CONFIG, serves progress on $FINETUNE_PROGRESS_PORT, runs,
 writes the summary to the termination-message file and exits with the contract's exit code.
@@ -36,7 +36,7 @@ def main() -> int:
     config_path = Path(os.environ.get(ENV_CONFIG, CONFIG_PATH))
     try:
         run = parse_run_config(json.loads(config_path.read_text()))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         errors = exc.errors if isinstance(exc, ConfigError) else [f"{config_path}: {exc}"]
         write_termination_message(
             Summary(

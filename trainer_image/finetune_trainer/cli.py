@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
+import tempfile
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Annotated, Any
@@ -17,14 +22,26 @@ from rich.table import Table
 from rich.text import Text
 
 from finetune_trainer.config import ConfigError, RunConfig
+from finetune_trainer.errors import InvalidInputError, TransientError, classify
 from finetune_trainer.manifest import load_run
 from finetune_trainer.progress import ENV_PVC_ROOT, ExitCode, Outcome, Phase, Summary
 from finetune_trainer.progress import Progress as RunProgress
+
+EXIT_CODES = (
+    "Exit codes: 0 succeeded; 65 invalid input (the spec, the spec file's contents, the data, "
+    "the model source, an output that cannot be written, holds another run or is in use: one "
+    "line names what to fix); 75 interrupted (run again to resume from the last checkpoint, or "
+    "to start over when training had not started); 2 wrong command line "
+    "(unknown option, FILE missing, a directory or unreadable); 1 failed (retryable, e.g. a "
+    "network or server outage; a traceback means a bug)."
+)
+OUTPUT_ROOT = Path("outputs")
 
 console = Console(stderr=True)
 app = typer.Typer(
     name="finetune",
     help="Fine-tune LLMs from a FineTuneJob manifest: locally (run, validate) or on Kubernetes.",
+    epilog=EXIT_CODES,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -44,6 +61,46 @@ SetOpt = Annotated[
         "Repeatable.",
     ),
 ]
+DebugOpt = Annotated[
+    bool,
+    typer.Option(
+        "--debug", help="Show debug logs and the traceback of every error (user errors too)."
+    ),
+]
+
+
+@contextmanager
+def reported(debug: bool) -> Iterator[None]:
+    """Turn a user error (exit 65) or a transient failure (exit 1) raised inside into one line;
+    anything else is a bug and keeps its traceback. With `debug`, tracebacks are always shown."""
+    try:
+        yield
+    except (typer.Exit, typer.Abort, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        found = exc if isinstance(exc, ConfigError) else classify(exc, "")
+        if found is None:
+            raise
+        if debug:
+            console.print(traceback.format_exc(), markup=False, highlight=False)
+        lines = found.errors if isinstance(found, ConfigError) else [str(found)]
+        transient = isinstance(found, TransientError)
+        console.print("[red]failed (transient):[/red]" if transient else "[red]invalid:[/red]")
+        for line in lines:
+            _plain(f"  {line}")
+        code = ExitCode.FAILED if transient else ExitCode.INVALID_INPUT
+        raise typer.Exit(int(code)) from None
+
+
+def _logging(verbose: bool, debug: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose or debug else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    if debug:
+        logging.getLogger("finetune_trainer").setLevel(logging.DEBUG)
+    else:  # which model is loaded, and a classifier's new head
+        logging.getLogger("finetune_trainer.models").setLevel(logging.INFO)
 
 
 def _quiet_libraries() -> None:
@@ -59,27 +116,75 @@ def _quiet_libraries() -> None:
     hf_logging.disable_progress_bar()
 
 
+def _plain(text: str) -> None:
+    """Print text that may hold user data and long paths: no markup, no wrapping."""
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
 def _load(file: Path, overrides: list[str] | None) -> tuple[str, RunConfig]:
     try:
-        name, run, ignored = load_run(file, overrides)
+        name, run, placement = load_run(file, overrides)
     except ConfigError as exc:
-        console.print(f"[red]invalid {file}:[/red]")
+        console.print(f"[red]invalid {file}:[/red]", highlight=False, soft_wrap=True)
         for line in exc.errors:
-            console.print(f"  {line}", markup=False, highlight=False)
+            _plain(f"  {line}")
         raise typer.Exit(int(ExitCode.INVALID_INPUT)) from None
-    if ignored:
-        console.print(f"[dim]cluster-only fields not used locally: {', '.join(ignored)}[/dim]")
+    if placement:
+        console.print(f"[dim]checked, used on a cluster only: {', '.join(placement)}[/dim]")
     return name, run
 
 
+def output_dir_for(name: str, root: Path = OUTPUT_ROOT) -> Path:
+    """Where a local run of FineTuneJob `name` writes when its output is a cluster volume:
+    `root`/`name`, never outside `root` (ConfigError for a name that would leave it)."""
+    target = root / name
+    inside = target.resolve().parent == root.resolve() and target.name == name
+    if not name or not inside:
+        raise ConfigError([f"metadata.name: {name!r} cannot name a directory under {root}/"])
+    return target
+
+
+def _writable(path: Path, option: str) -> None:
+    """Create `path` and check that files can be written there, or raise InvalidInputError."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        found = classify(exc, f"{option} {path}")
+        if found is None:
+            raise
+        raise found from exc
+
+
 def _local_output(name: str, run: RunConfig, output: Path | None) -> RunConfig:
-    uri = str(output) if output else None
-    if uri is None and run.output.uri.startswith("pvc://") and ENV_PVC_ROOT not in os.environ:
-        uri = f"outputs/{name}"
+    if output is not None:
+        _writable(output, "--output")
+        uri = str(output)
+    elif run.output.uri.startswith("pvc://") and ENV_PVC_ROOT not in os.environ:
+        target = output_dir_for(name)
+        _writable(target, "output.uri: writing locally to")
+        uri = str(target)
         console.print(f"[dim]output {run.output.uri} is a cluster volume; writing to ./{uri}[/dim]")
-    if uri is None:
+    else:
+        from finetune_trainer import storage
+
+        if storage.is_local(run.output.uri):
+            _writable(Path(storage.resolve(run.output.uri)), "output.uri")
         return run
     return run.model_copy(update={"output": run.output.model_copy(update={"uri": uri})})
+
+
+def _free_port(port: int) -> int:
+    """Typer callback: `port` if this machine can serve on it (0: off)."""
+    if port:
+        try:
+            with socket.socket() as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind(("0.0.0.0", port))
+        except OSError as exc:
+            raise typer.BadParameter(f"cannot serve on port {port}: {exc.strerror}") from None
+    return port
 
 
 class _Bar:
@@ -141,7 +246,7 @@ def _summary_table(summary: Summary) -> Table:
     return table
 
 
-@app.command()
+@app.command(epilog=EXIT_CODES)
 def run(
     file: FileArg,
     output: Annotated[
@@ -150,26 +255,30 @@ def run(
     ] = None,
     set_: SetOpt = None,
     progress_port: Annotated[
-        int, typer.Option(help="Also serve GET /progress on this port (0: off).")
+        int,
+        typer.Option(help="Also serve GET /progress on this port (0: off).", callback=_free_port),
     ] = 0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show library logs.")] = False,
+    debug: DebugOpt = False,
 ) -> None:
     """Fine-tune locally, in this process, with a progress bar and a final summary.
 
-    Resumes automatically from the newest complete checkpoint in the output location.
-    Exit codes: 0 succeeded, 65 invalid input, 75 interrupted (running again resumes), 1 failed.
+    A FineTuneJob manifest is checked as the cluster would admit it. Resumes automatically
+    from the newest complete checkpoint in the output location.
     """
-    from finetune_trainer.reporting import exit_code, run_reported
-    from finetune_trainer.runner import RunContext
+    _logging(verbose, debug)
+    with reported(debug):
+        name, run_config = _load(file, set_)  # before the heavy imports: errors come at once
+        run_config = _local_output(name, run_config, output)
+        if not verbose and not debug:
+            _quiet_libraries()
+        from finetune_trainer.models import kbit_device_error
+        from finetune_trainer.reporting import exit_code, run_reported
+        from finetune_trainer.runner import RunContext
 
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
-    if not verbose:
-        _quiet_libraries()
-    name, run_config = _load(file, set_)
-    run_config = _local_output(name, run_config, output)
+        problem = kbit_device_error(run_config)
+        if problem:
+            raise InvalidInputError(problem)
     ctx = RunContext(name=name)
     bar = _Bar()
     ctx.tracker.subscribe(bar)
@@ -181,35 +290,32 @@ def run(
     raise typer.Exit(int(exit_code(summary)))
 
 
-@app.command()
-def validate(file: FileArg, set_: SetOpt = None) -> None:
-    """Check the spec and the dataset without loading the model. Exit 65 when invalid.
+@app.command(epilog=EXIT_CODES)
+def validate(file: FileArg, set_: SetOpt = None, debug: DebugOpt = False) -> None:
+    """Check a FineTuneJob as the cluster would admit it, and its dataset, without loading
+    the model.
 
-    Checks the dataset's format, fields, duplicates and lengths.
-    Only the tokenizer is loaded, to measure lengths in tokens."""
-    from finetune_trainer.models import ModelLoadError, fetch_model
-    from finetune_trainer.runner import (
-        InvalidInputError,
-        data_summary,
-        generation_eval,
-        prepare_data,
-    )
+    Checks the spec (the operator's rules and the platform policy's defaults), the dataset's
+    format, fields, duplicates and lengths (only the tokenizer is loaded, to count tokens) and
+    the prompts of a generation eval. Exit 65 when anything is invalid.
+    """
+    _logging(False, debug)
+    with reported(debug):
+        name, run_config = _load(file, set_)
+        console.print(
+            f"[green]spec OK[/green]: {name} ({run_config.method.type}, {run_config.task})"
+        )
+        from finetune_trainer.models import fetch_model
+        from finetune_trainer.runner import data_summary, generation_eval, prepare_data
 
-    name, run_config = _load(file, set_)
-    console.print(f"[green]spec OK[/green]: {name} ({run_config.method.type}, {run_config.task})")
-    try:
         with console.status("checking the dataset"):
             local = fetch_model(run_config.model, Path.cwd() / ".finetune-cache")
             tokenizer, prepared = prepare_data(run_config, local)
             generation = generation_eval(run_config, prepared, tokenizer)
-    except (InvalidInputError, ModelLoadError) as exc:
-        console.print("[red]invalid:[/red]")
-        console.print(str(exc), markup=False, highlight=False)
-        raise typer.Exit(int(ExitCode.INVALID_INPUT)) from None
-    console.print(prepared.report.render(), markup=False, highlight=False)
-    console.print("\n".join(prepared.stats.render_lines()), markup=False, highlight=False)
+    _plain(prepared.report.render())
+    _plain("\n".join(prepared.stats.render_lines()))
     console.print("[green]dataset OK[/green]: ", end="")
-    console.print(data_summary(prepared), markup=False, highlight=False)
+    _plain(data_summary(prepared))
     if generation is not None:
         console.print(
             f"[green]generation eval OK[/green]: {len(generation.held.prompts)} held-out prompts"

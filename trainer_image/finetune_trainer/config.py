@@ -231,6 +231,7 @@ class DatasetSpec(SpecModel):
 MethodType = Literal["full", "lora", "dora", "qlora", "prefix", "prompt", "ia3"]
 LORA_METHODS = ("lora", "dora", "qlora")
 PEFT_METHODS = ("lora", "dora", "qlora", "prefix", "prompt", "ia3")
+VIRTUAL_TOKEN_METHODS = ("prefix", "prompt")
 ALL_LINEAR = "all-linear"
 
 
@@ -482,7 +483,30 @@ class RunConfig(SpecModel):
                 "training.earlyStopping.metric: eval_accuracy is only computed for "
                 "sequence-classification"
             )
+        self._check_virtual_tokens()
         return self
+
+    def _check_virtual_tokens(self) -> None:
+        """What prefix and prompt tuning cannot do (each found by running it on tiny models)."""
+        kind = self.method.type
+        if kind not in VIRTUAL_TOKEN_METHODS:
+            return
+        if self.task != "causal-lm":
+            raise ValueError(
+                f"method.type: {kind} tuning trains causal-lm only (PEFT cannot run it in front "
+                "of a classification head); use lora, dora, ia3 or full for "
+                "sequence-classification"
+            )
+        if self.training.precision in ("bf16", "fp16"):
+            raise ValueError(
+                f"training.precision: {kind} tuning runs in fp32 (mixed precision breaks the "
+                "trainer's fused LM head for virtual tokens); set it to fp32 or auto"
+            )
+        if kind == "prefix" and self.training.gradient_checkpointing is True:
+            raise ValueError(
+                "training.gradientCheckpointing: prefix tuning cannot recompute activations "
+                "(its key/value cache is not checkpointable in PEFT); set it to false or auto"
+            )
 
     def _check_generation_eval(self) -> None:
         if self.task != "causal-lm":
@@ -594,6 +618,27 @@ def parse_run_config(data: dict[str, Any], prefix: str = "") -> RunConfig:
         return RunConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(format_errors(exc, prefix, RunConfig)) from None
+
+
+#: Kubernetes object names (metadata.name): a DNS-1123 subdomain of at most 253 characters.
+OBJECT_NAME_MAX = 253
+OBJECT_NAME_RE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+
+
+def object_name_error(name: object) -> str | None:
+    """Why `name` is not a valid metadata.name, as the API server checks it; None if valid."""
+    if name is None or name == "":
+        return "required: a lowercase DNS name such as my-run-1"
+    if not isinstance(name, str):
+        return "must be a string: a lowercase DNS name such as my-run-1"
+    if len(name) > OBJECT_NAME_MAX:
+        return f"{len(name)} characters; at most {OBJECT_NAME_MAX}"
+    if not OBJECT_NAME_RE.fullmatch(name):
+        return (
+            "must be a lowercase DNS name: a-z, 0-9, '-' and '.', starting and ending with a "
+            "letter or digit (e.g. my-run-1)"
+        )
+    return None
 
 
 def run_field_names() -> set[str]:

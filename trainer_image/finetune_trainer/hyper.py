@@ -95,6 +95,9 @@ def resolve(run: RunConfig, n_train: int, device: str, model_params: int | None 
         epochs=epochs,
         learning_rate=lr,
         batch_size=batch,
-        precision=resolve_precision(t.precision, device),
+        # prefix/prompt tuning: fp32 (mixed precision breaks TRL's fused LM head for them)
+        precision="fp32"
+        if run.method.type in ("prefix", "prompt")
+        else resolve_precision(t.precision, device),
         gradient_checkpointing=checkpointing,
     )

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from finetune_trainer import storage
 from finetune_trainer.config import ModelSpec, RunConfig
+from finetune_trainer.errors import InvalidInputError, TransientError, classify, first_line
 from finetune_trainer.progress import ENV_HF_TOKEN
 
 if TYPE_CHECKING:
@@ -18,7 +21,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class ModelLoadError(Exception):
+class ModelLoadError(InvalidInputError):
     """The model could not be found or loaded (a user-fixable input problem)."""
 
 
@@ -42,26 +45,53 @@ def _split_hf(uri: str) -> str:
     return repo
 
 
+def _hub_snapshot(spec: ModelSpec) -> Path:
+    """Download (or find in the Hub cache) the model's files; errors classified: not found,
+    gated or no access is the user's (ModelLoadError), an unreachable or failing Hub is
+    transient (TransientError)."""
+    from huggingface_hub import snapshot_download
+
+    repo = _split_hf(spec.source)
+    storage.bound_hub_timeouts()
+    try:
+        local = snapshot_download(
+            repo,
+            revision=spec.revision,
+            token=os.environ.get(ENV_HF_TOKEN) or None,
+            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py"],
+        )
+    except Exception as exc:
+        found = classify(exc, f"model.source: {spec.source}")
+        if isinstance(found, TransientError):
+            raise found from exc
+        if found is not None:
+            raise ModelLoadError(str(found)) from exc
+        raise
+    return Path(local)
+
+
+def _downloaded(source: str, cache_dir: Path) -> Path:
+    """A remote (s3://, gs://, ...) model directory or file, copied to `cache_dir`."""
+    try:
+        return storage.download(source, cache_dir / "model")
+    except storage.StorageError as exc:
+        raise ModelLoadError(f"model.source: {exc}") from exc
+    except TransientError as exc:
+        raise TransientError(f"model.source: {exc}") from exc
+
+
 def fetch_model(spec: ModelSpec, cache_dir: Path) -> LocalModel:
     """Bring the model to local disk (hub snapshot, object-store download or a mounted path)."""
     source = spec.source
     if source.startswith("hf://"):
-        from huggingface_hub import snapshot_download
-
-        try:
-            local = snapshot_download(
-                _split_hf(source),
-                revision=spec.revision,
-                token=os.environ.get(ENV_HF_TOKEN) or None,
-                allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py"],
-            )
-        except Exception as exc:  # the hub client raises many types; all are input problems
-            raise ModelLoadError(f"model.source: cannot download {source}: {exc}") from exc
-        path = Path(local)
+        path = _hub_snapshot(spec)
     elif storage.is_local(source):
-        path = Path(storage.resolve(source))
+        try:
+            path = Path(storage.resolve(source))
+        except storage.StorageError as exc:
+            raise ModelLoadError(f"model.source: {exc}") from exc
     else:
-        path = storage.download(source, cache_dir / "model")
+        path = _downloaded(source, cache_dir)
     if not path.exists():
         raise ModelLoadError(f"model.source: {source} does not exist (resolved to {path})")
     if path.is_file():
@@ -181,17 +211,89 @@ def load_model(
                 "method.quantization: a .gguf model cannot be re-quantized with bitsandbytes; "
                 "use the safetensors checkpoint"
             )
+        problem = kbit_device_error(run)
+        if problem:
+            raise ModelLoadError(problem)
         kwargs["quantization_config"] = _quantization_config(run, dtype)
         kwargs["device_map"] = {"": 0}
     if local.gguf_file:
         kwargs["gguf_file"] = local.gguf_file
     log.info("loading %s (%s)", local.description, auto_class.__name__)
     try:
-        model = auto_class.from_pretrained(local.path, **kwargs)
+        with _library_load_report_hidden():
+            model, info = auto_class.from_pretrained(local.path, output_loading_info=True, **kwargs)
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"model.source: cannot load {local.description}: {exc}") from exc
+        raise ModelLoadError(
+            f"model.source: cannot load {local.description}: {first_line(exc)}"
+        ) from exc
     if local.gguf_file:
         model = _dequantize_gguf(model, auto_class, dtype)
+    else:  # a GGUF checkpoint's missing weights are checked when it is dequantized
+        _report_loading(model, info, label_names if run.task == "sequence-classification" else None)
     if run.task == "sequence-classification" and model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id
     return model
+
+
+def kbit_device_error(run: RunConfig) -> str | None:
+    """Why this machine cannot load the run's base model in k bits (bitsandbytes needs a CUDA
+    GPU); None when it can or the method does not quantize."""
+    if run.method.quantization is None:
+        return None
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    field = "type" if run.method.type == "qlora" else "quantization"
+    return (
+        f"method.{field}: {run.method.type} loads the base model in "
+        f"{run.method.quantization.bits} bits, "
+        "which needs a CUDA GPU and this machine has none; run it on a GPU (on a cluster: "
+        "resources.gpus: 1) or use method lora here"
+    )
+
+
+#: Loggers whose load-time reports read like errors to a first-time user (the LOAD REPORT table
+#: of missing/unexpected weights, the tensor-parallel plan check); `_report_loading` says what
+#: matters instead.
+LOAD_REPORT_LOGGERS = ("transformers.modeling_utils", "transformers.distributed.tensor_parallel")
+
+
+@contextmanager
+def _library_load_report_hidden() -> Iterator[None]:
+    """Keep the library's load reports out of the output unless debugging."""
+    loggers = [logging.getLogger(name) for name in LOAD_REPORT_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    if not log.isEnabledFor(logging.DEBUG):
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+def _report_loading(model: Any, info: dict[str, Any], label_names: list[str] | None) -> None:
+    """Say which weights were not in the checkpoint: for a classifier, its new head."""
+    prefix = f"{getattr(model, 'base_model_prefix', '')}."
+    missing = sorted(info.get("missing_keys") or ())
+    head = sorted({key.rsplit(".", 1)[0] for key in missing if not key.startswith(prefix)})
+    if label_names is not None and head:
+        log.info(
+            "a new classification head (%s) is initialised for the %d labels %s; it is trained "
+            "with the method's adapter, the rest of the model comes from the checkpoint",
+            ", ".join(head),
+            len(label_names),
+            ", ".join(label_names[:20]),
+        )
+        missing = [key for key in missing if key.startswith(prefix)]
+    if missing:
+        log.warning(
+            "%d weights are not in the checkpoint and start random: %s",
+            len(missing),
+            ", ".join(missing[:8]),
+        )
+    unexpected = sorted(info.get("unexpected_keys") or ())
+    if unexpected:
+        log.debug("checkpoint weights the model does not use: %s", unexpected[:8])

@@ -1,4 +1,4 @@
-"""The trainer -> operator contract (DESIGN.md section 5): progress, final summary, exit codes.
+"""The trainer -> operator contract (docs/contract.md): progress, final summary, exit codes.
 
 Pure pydantic, no torch: the operator imports this module to read what the trainer reports.
 """
@@ -34,7 +34,7 @@ class ExitCode(IntEnum):
     SUCCEEDED = 0
     FAILED = 1
     INVALID_INPUT = 65  # bad config or dataset: permanent, never retried (EX_DATAERR)
-    PREEMPTED = 75  # SIGTERM, checkpoint saved: retry and resume (EX_TEMPFAIL)
+    PREEMPTED = 75  # SIGTERM or Ctrl-C: retry; resumes from the last checkpoint (EX_TEMPFAIL)
 
 
 class Phase(StrEnum):

@@ -9,6 +9,7 @@ import traceback
 from pathlib import Path
 
 from finetune_trainer.config import RunConfig
+from finetune_trainer.errors import InvalidInputError, TransientError, chain, classify
 from finetune_trainer.lock import OutputLockLostError
 from finetune_trainer.progress import (
     ENV_TERMINATION_PATH,
@@ -18,7 +19,7 @@ from finetune_trainer.progress import (
     Phase,
     Summary,
 )
-from finetune_trainer.runner import InvalidInputError, RunContext, execute
+from finetune_trainer.runner import RunContext, execute
 from finetune_trainer.server import ProgressServer
 
 log = logging.getLogger(__name__)
@@ -44,11 +45,22 @@ def exit_code(summary: Summary) -> ExitCode:
     }.get(summary.outcome, ExitCode.FAILED)
 
 
+def _where(exc: BaseException) -> str:
+    """The file an OS error in `exc`'s chain names, if any (else the message has no prefix)."""
+    for link in chain(exc):
+        if isinstance(link, OSError) and link.filename is not None:
+            return str(link.filename)
+    return ""
+
+
 def _failure(exc: BaseException) -> Summary:
-    if isinstance(exc, InvalidInputError):
-        return Summary(outcome=Outcome.INVALID_INPUT, reason="InvalidInputError", message=str(exc))
     if isinstance(exc, OutputLockLostError):  # retryable: the other run may be gone by then
         return Summary(outcome=Outcome.FAILED, reason="OutputLockLost", message=str(exc))
+    found = classify(exc, _where(exc))
+    if isinstance(found, InvalidInputError):
+        return Summary(outcome=Outcome.INVALID_INPUT, reason="InvalidInput", message=str(found))
+    if isinstance(found, TransientError):
+        return Summary(outcome=Outcome.FAILED, reason="Transient", message=str(found))
     name = type(exc).__name__
     if "OutOfMemory" in name:
         return Summary(
@@ -69,10 +81,11 @@ def run_reported(run: RunConfig, ctx: RunContext, *, progress_port: int | None) 
         summary = execute(run, ctx)
     except Exception as exc:  # every failure must still produce a summary and an exit code
         summary = _failure(exc)
-        if summary.reason in ("TrainerError", "OutOfMemory"):
+        if summary.reason == "TrainerError":  # a bug: its traceback is the report
             log.error("run failed:\n%s", traceback.format_exc())
         else:
-            log.error("%s: %s", summary.reason, exc)
+            log.error("%s: %s", summary.reason, summary.message)
+            log.debug("raised at:\n%s", traceback.format_exc())
     final = {
         Outcome.SUCCEEDED: Phase.SUCCEEDED,
         Outcome.PREEMPTED: Phase.PREEMPTED,

@@ -23,6 +23,7 @@ from finetune_trainer import fingerprint, hyper, storage
 from finetune_trainer.callbacks import PreemptionFlag, RunCallback, StopRequestedError
 from finetune_trainer.checkpoints import BestMetric, CheckpointStore
 from finetune_trainer.config import ConfigError, RunConfig
+from finetune_trainer.errors import InvalidInputError
 from finetune_trainer.generation import GenerationEval, held_out
 from finetune_trainer.history import History
 from finetune_trainer.lock import OutputLock, OutputLockedError, hold_output
@@ -67,10 +68,6 @@ ARTIFACTS = (
     "README.md",
     "samples.jsonl",
 )
-
-
-class InvalidInputError(Exception):
-    """The run cannot succeed as configured (bad config, dataset or model source)."""
 
 
 @dataclass
@@ -408,10 +405,7 @@ class _Model:
 def _load_data(run: RunConfig, ctx: RunContext, out: Path) -> _Data:
     """Fetch the tokenizer, validate and tokenize the dataset, check the generation eval."""
     ctx.tracker.phase(Phase.VALIDATING_DATA, "fetching the model's tokenizer and the dataset")
-    try:
-        local = fetch_model(run.model, out.parent / ".cache")
-    except ModelLoadError as exc:
-        raise InvalidInputError(str(exc)) from exc
+    local = fetch_model(run.model, out.parent / ".cache")  # ModelLoadError: invalid input
     tokenizer, prepared = prepare_data(run, local)
     line = data_summary(prepared)
     ctx.tracker.update(message=line)

@@ -9,7 +9,11 @@ Schemes (see docs/data.md):
 - a bare path           -> unchanged (relative to the working directory);
 - anything else (``s3://``, ``gs://``, ``hf://``, ``http(s)://``) -> unchanged, read with fsspec.
 
-fsspec is imported only by the functions that move bytes, so `resolve` stays cheap.
+fsspec is imported only by the functions that move bytes, so `resolve` stays cheap. What the
+libraries raise while moving bytes leaves here classified (see `finetune_trainer.errors`):
+`StorageError` for the user's problems (not found, no access, no credentials, not writable),
+`TransientError` for outages (unreachable endpoint, timeouts, 5xx); anything else is a bug and
+propagates unchanged.
 """
 
 from __future__ import annotations
@@ -24,15 +28,44 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Any
 from urllib.parse import unquote, urlsplit
 
+from finetune_trainer.errors import InvalidInputError, TransientError, classify
 from finetune_trainer.progress import ENV_HF_TOKEN, ENV_PVC_ROOT, PVC_ROOT
 
 ENV_S3_ENDPOINT = "FINETUNE_S3_ENDPOINT_URL"
+ENV_HUB_TIMEOUT = "FINETUNE_HUB_TIMEOUT"
+HUB_TIMEOUT = 60.0
 _SCHEME_RE = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 LOCAL_SCHEMES = ("pvc", "file", "pkg")
 
 
-class StorageError(ValueError):
-    """A URI that cannot be resolved (unknown package, path escaping its claim, ...)."""
+class StorageError(InvalidInputError, ValueError):
+    """A URI that cannot be used: malformed, escaping its claim, not found, not accessible,
+    no credentials. The message starts with the URI."""
+
+
+def _where(uri: str) -> str:
+    """`uri`, with the local path it resolved to when that differs."""
+    try:
+        local = resolve(uri)
+    except StorageError:
+        return uri
+    return uri if local == uri else f"{uri} (resolved to {local})"
+
+
+@contextmanager
+def classified(uri: str) -> Iterator[None]:
+    """Raise what the libraries raise for `uri` as StorageError or TransientError (see module doc)."""
+    try:
+        yield
+    except (InvalidInputError, TransientError):
+        raise
+    except Exception as exc:
+        found = classify(exc, _where(uri))
+        if isinstance(found, TransientError):
+            raise found from exc
+        if found is not None:
+            raise StorageError(str(found)) from exc
+        raise
 
 
 def scheme(uri: str) -> str | None:
@@ -132,8 +165,44 @@ def storage_options(uri: str) -> dict[str, Any]:
     return {}
 
 
+def hub_timeout() -> float:
+    """Seconds a Hugging Face Hub request may wait to connect or for data
+    ($FINETUNE_HUB_TIMEOUT, default 60)."""
+    try:
+        return float(os.environ.get(ENV_HUB_TIMEOUT) or HUB_TIMEOUT)
+    except ValueError:
+        return HUB_TIMEOUT
+
+
+def _bounded(request: Any) -> None:
+    """httpx request hook: no timeout of the request is unbounded or above `hub_timeout`."""
+    limit = hub_timeout()
+    current = request.extensions.get("timeout") or {}
+    request.extensions["timeout"] = {
+        kind: limit if current.get(kind) is None else min(current[kind], limit)
+        for kind in ("connect", "read", "write", "pool")
+    }
+
+
+def bound_hub_timeouts() -> None:
+    """Bound every request of the Hub client (models, datasets, hf:// files) by `hub_timeout`.
+
+    The client sends some requests (the repository listing of a download) without a timeout,
+    so a hung Hub would hang the run; with this it times out and counts as transient."""
+    from huggingface_hub import get_session
+
+    session = get_session()
+    hooks = session.event_hooks
+    if _bounded not in hooks["request"]:
+        hooks["request"].append(_bounded)
+        session.event_hooks = hooks
+
+
 def _fs(uri: str) -> tuple[Any, str]:
     import fsspec
+
+    if scheme(uri) == "hf":
+        bound_hub_timeouts()
 
     target = resolve(uri)
     fs, path = fsspec.core.url_to_fs(target, **storage_options(uri))
@@ -145,7 +214,12 @@ def open_binary(uri: str, compression: str | None = "infer") -> Iterator[IO[byte
     """Open `uri` for reading bytes (local or fsspec; .gz/.bz2/.xz/.zst decompressed)."""
     import fsspec
 
-    with fsspec.open(resolve(uri), "rb", compression=compression, **storage_options(uri)) as handle:
+    if scheme(uri) == "hf":
+        bound_hub_timeouts()
+    with (
+        classified(uri),
+        fsspec.open(resolve(uri), "rb", compression=compression, **storage_options(uri)) as handle,
+    ):
         yield handle
 
 
@@ -154,31 +228,38 @@ def open_text(uri: str, encoding: str = "utf-8") -> Iterator[IO[str]]:
     """Open `uri` for reading text (local or fsspec; compressed files decompressed)."""
     import fsspec
 
-    with fsspec.open(
-        resolve(uri), "rt", encoding=encoding, compression="infer", **storage_options(uri)
-    ) as handle:
+    if scheme(uri) == "hf":
+        bound_hub_timeouts()
+    with (
+        classified(uri),
+        fsspec.open(
+            resolve(uri), "rt", encoding=encoding, compression="infer", **storage_options(uri)
+        ) as handle,
+    ):
         yield handle
 
 
 def exists(uri: str) -> bool:
     """Whether `uri` names an existing file or directory/prefix."""
-    fs, path = _fs(uri)
-    return bool(fs.exists(path))
+    with classified(uri):
+        fs, path = _fs(uri)
+        return bool(fs.exists(path))
 
 
 def list_files(uri: str) -> list[str]:
     """The files under `uri` as full URIs (sorted); `[uri]` when it is a single file."""
-    if is_local(uri):
-        local = Path(resolve(uri))
-        if local.is_dir():
-            return sorted(str(p) for p in local.rglob("*") if p.is_file())
-        return [str(local)]
-    fs, path = _fs(uri)
-    if fs.isdir(path):
-        base = uri.rstrip("/")
-        root = path.rstrip("/")
-        return sorted(base + "/" + f[len(root) + 1 :] for f in fs.find(path))
-    return [uri]
+    with classified(uri):
+        if is_local(uri):
+            local = Path(resolve(uri))
+            if local.is_dir():
+                return sorted(str(p) for p in local.rglob("*") if p.is_file())
+            return [str(local)]
+        fs, path = _fs(uri)
+        if fs.isdir(path):
+            base = uri.rstrip("/")
+            root = path.rstrip("/")
+            return sorted(base + "/" + f[len(root) + 1 :] for f in fs.find(path))
+        return [uri]
 
 
 def download(uri: str, dest_dir: str | Path) -> Path:
@@ -188,30 +269,33 @@ def download(uri: str, dest_dir: str | Path) -> Path:
     - a remote file is copied to ``dest_dir/<name>`` and that file's path is returned;
     - a remote directory/prefix is copied recursively into `dest_dir` (its files directly
       under `dest_dir`, sub-folders kept) and `dest_dir` is returned.
+
+    A missing `uri` is a StorageError saying "not found".
     """
-    if is_local(uri):
-        local = Path(resolve(uri))
-        if not local.exists():
-            raise FileNotFoundError(f"{uri}: not found (resolved to {local})")
-        return local
-    dest = Path(dest_dir)
-    dest.mkdir(parents=True, exist_ok=True)
-    fs, path = _fs(uri)
-    if fs.isdir(path):
-        root = path.rstrip("/")
-        remote = [f for f in fs.find(root) if not f.endswith("/")]
-        if not remote:
-            raise FileNotFoundError(f"{uri}: the prefix holds no files")
-        local_paths = [str(dest / f[len(root) + 1 :]) for f in remote]
-        for lp in local_paths:
-            Path(lp).parent.mkdir(parents=True, exist_ok=True)
-        fs.get(remote, local_paths)
-        return dest
-    if not fs.exists(path):
-        raise FileNotFoundError(f"{uri}: not found")
-    target = dest / PurePosixPath(path).name
-    fs.get_file(path, str(target))
-    return target
+    with classified(uri):
+        if is_local(uri):
+            local = Path(resolve(uri))
+            if not local.exists():
+                raise StorageError(f"{_where(uri)}: not found")
+            return local
+        dest = Path(dest_dir)
+        dest.mkdir(parents=True, exist_ok=True)
+        fs, path = _fs(uri)
+        if fs.isdir(path):
+            root = path.rstrip("/")
+            remote = [f for f in fs.find(root) if not f.endswith("/")]
+            if not remote:
+                raise StorageError(f"{uri}: not found (the prefix holds no files)")
+            local_paths = [str(dest / f[len(root) + 1 :]) for f in remote]
+            for lp in local_paths:
+                Path(lp).parent.mkdir(parents=True, exist_ok=True)
+            fs.get(remote, local_paths)
+            return dest
+        if not fs.exists(path):
+            raise StorageError(f"{uri}: not found")
+        target = dest / PurePosixPath(path).name
+        fs.get_file(path, str(target))
+        return target
 
 
 def upload(local_path: str | Path, uri: str) -> None:
@@ -223,20 +307,21 @@ def upload(local_path: str | Path, uri: str) -> None:
     source = Path(local_path)
     if not source.exists():
         raise FileNotFoundError(f"{source}: nothing to upload")
-    if is_local(uri):
-        target = Path(resolve(uri))
-        if source.is_dir():
-            shutil.copytree(source, target, dirs_exist_ok=True)
-        else:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, target)
-        return
-    fs, path = _fs(uri)
-    if source.is_file():
-        fs.put_file(str(source), path)
-        return
-    files = sorted(p for p in source.rglob("*") if p.is_file())
-    root = path.rstrip("/")
-    remote = [f"{root}/{p.relative_to(source).as_posix()}" for p in files]
-    if files:
-        fs.put([str(p) for p in files], remote)
+    with classified(uri):
+        if is_local(uri):
+            target = Path(resolve(uri))
+            if source.is_dir():
+                shutil.copytree(source, target, dirs_exist_ok=True)
+            else:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(source, target)
+            return
+        fs, path = _fs(uri)
+        if source.is_file():
+            fs.put_file(str(source), path)
+            return
+        files = sorted(p for p in source.rglob("*") if p.is_file())
+        root = path.rstrip("/")
+        remote = [f"{root}/{p.relative_to(source).as_posix()}" for p in files]
+        if files:
+            fs.put([str(p) for p in files], remote)

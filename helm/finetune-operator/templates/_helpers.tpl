@@ -17,6 +17,15 @@
 {{- end }}
 {{- end }}
 
+{{/*
+Name of the objects outside the release namespace (ClusterRoles, ClusterRoleBindings, and the
+Roles, RoleBindings and NetworkPolicies in watched namespaces): the release namespace and the
+full name, so that two releases never collide, even two of the same name in two namespaces.
+*/}}
+{{- define "finetune-operator.scopedName" -}}
+{{- printf "%s-%s" .Release.Namespace (include "finetune-operator.fullname" .) | trunc 253 | trimSuffix "-" }}
+{{- end }}
+
 {{- define "finetune-operator.chart" -}}
 {{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
 {{- end }}

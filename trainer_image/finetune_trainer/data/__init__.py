@@ -4,7 +4,6 @@ Importing this package imports neither torch nor datasets nor transformers; the 
 need them import them. Entry points:
 
 - :func:`prepare_dataset` -> :class:`PreparedDataset` (tokenized train/eval/test + report, stats)
-- :func:`validate_dataset` -> :class:`ValidationReport` (for ``finetune validate``)
 - :func:`load_records` -> :class:`RawDataset` (records with file and line of origin)
 - :class:`DatasetError`: a hard problem; ``str(err)`` says what to fix, ``err.report`` has it all.
 
@@ -12,7 +11,7 @@ See docs/data.md.
 """
 
 from finetune_trainer.data.loading import load_records, load_source
-from finetune_trainer.data.prepare import PreparedDataset, prepare_dataset, validate_dataset
+from finetune_trainer.data.prepare import PreparedDataset, prepare_dataset
 from finetune_trainer.data.records import Origin, RawDataset
 from finetune_trainer.data.report import DatasetError, Issue, IssueGroup, ValidationReport
 from finetune_trainer.data.stats import SplitStats, TokenStats
@@ -34,5 +33,4 @@ __all__ = [
     "load_records",
     "load_source",
     "prepare_dataset",
-    "validate_dataset",
 ]

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import lzma
 import os
+import zlib
 from typing import TYPE_CHECKING, Any
 
 from finetune_trainer import storage
-from finetune_trainer.data.readers import READERS, file_kind, read_stream
+from finetune_trainer.data.readers import COMPRESSION_SUFFIXES, READERS, file_kind, read_stream
 from finetune_trainer.data.records import Origin, RawDataset
 from finetune_trainer.data.report import DatasetError, ValidationReport, fail
+from finetune_trainer.errors import TransientError, classify, first_line
 from finetune_trainer.progress import ENV_HF_TOKEN
 
 if TYPE_CHECKING:
@@ -32,8 +35,8 @@ def load_records(spec: DatasetSpec) -> RawDataset:
 def load_source(uri: str) -> RawDataset:
     """Read every record of `uri` (a file, a directory/prefix of files, or hf://datasets/...).
 
-    Raises DatasetError when the source does not exist or holds no readable files;
-    other I/O errors (network, permissions) propagate as they are.
+    Raises DatasetError when the source does not exist, cannot be read (permissions, no
+    credentials) or holds no readable files; TransientError when it cannot be reached.
     """
     if uri.startswith("hf://"):
         return _load_hf(uri)
@@ -70,12 +73,19 @@ def _load_file(uri: str, name: str, report: ValidationReport) -> RawDataset:
     try:
         with storage.open_binary(uri) as handle:
             return read_stream(kind, handle, name)
-    except FileNotFoundError:
-        where = storage.resolve(uri)
-        resolved = f" (resolved to {where})" if where != uri else ""
-        raise fail(report, "source", f"{uri}: not found{resolved}") from None
-    except IsADirectoryError:
-        raise fail(report, "source", f"{uri}: is a directory") from None
+    except storage.StorageError as exc:
+        raise fail(report, "source", str(exc)) from None
+    except (EOFError, zlib.error, lzma.LZMAError, OSError) as exc:
+        if not _bad_compression(uri, exc):
+            raise
+        raise fail(report, "source", f"{uri}: cannot decompress ({first_line(exc)})") from None
+
+
+def _bad_compression(uri: str, exc: Exception) -> bool:
+    """Whether `exc` is a decompressor refusing the bytes of `uri` (gzip.BadGzipFile, a truncated
+    or corrupt stream): a compressed file, and no OS error with an errno."""
+    compressed = uri.lower().endswith(COMPRESSION_SUFFIXES)
+    return compressed and not (isinstance(exc, OSError) and exc.errno is not None)
 
 
 def parse_hf_uri(uri: str) -> tuple[str, str | None, str, str | None]:
@@ -117,12 +127,16 @@ def _load_hf(uri: str) -> RawDataset:
     if path is not None:  # a single file inside the dataset repo: read it like any file
         return _load_file(uri, uri, report)
     token = os.environ.get(ENV_HF_TOKEN) or None
+    storage.bound_hub_timeouts()
     try:
         dataset = hf_load_dataset(repo_id, config, split, token)
-    except FileNotFoundError as exc:
-        raise fail(report, "source", f"{uri}: not found on the Hub ({exc})") from None
-    except ValueError as exc:  # unknown split / config
-        raise fail(report, "source", f"{uri}: {exc}") from None
+    except Exception as exc:
+        found = classify(exc, uri)
+        if isinstance(found, TransientError):
+            raise found from exc
+        if found is None and not isinstance(exc, ValueError):  # ValueError: unknown split/config
+            raise
+        raise fail(report, "source", str(found or f"{uri}: {first_line(exc)}")) from None
     return records_from_hf(dataset, uri)
 
 

@@ -1,8 +1,8 @@
 """The dataset pipeline: load -> detect -> validate -> clean -> tokenize -> split -> datasets.
 
-`prepare_dataset` is what a run calls before loading any model; `validate_dataset` is what
-`finetune validate` calls. Both collect every problem before failing, so one DatasetError lists
-all of them (first examples of each kind, with line numbers, and counts).
+`prepare_dataset` is what a run (and `finetune validate`) calls before loading any model. It
+collects every problem before failing, so one DatasetError lists all of them (first examples
+of each kind, with line numbers, and counts).
 """
 
 from __future__ import annotations
@@ -117,12 +117,12 @@ class _Pipeline:
         self.label_names: list[str] | None = None
 
     # -- loading ------------------------------------------------------------------------------
-    def _absorb(self, raw: RawDataset) -> None:
-        self.report.records += len(raw) + len(raw.errors)
+    def _absorb(self, raw: RawDataset, role: str) -> None:
+        self.report.count_source(role, raw.source, len(raw) + len(raw.errors))
         for issue in raw.errors:
             self.report.add_issue(issue)
 
-    def _load(self, source: str | None) -> RawDataset | None:
+    def _load(self, source: str | None, role: str = "train") -> RawDataset | None:
         try:
             raw = load_records(self.spec) if source is None else load_source(source)
         except DatasetError as exc:
@@ -130,7 +130,7 @@ class _Pipeline:
                 for issue in group.examples:
                     self.report.add_issue(issue, severity=group.severity)
             return None
-        self._absorb(raw)
+        self._absorb(raw, role)
         if not raw.records and not raw.errors:
             self.report.add("source", f"{raw.source} holds no records")
         return raw
@@ -176,11 +176,9 @@ class _Pipeline:
 
     def _setup_chat(self) -> None:
         tok = self.tokenizer
-        if tok is None and (self.spec.template or "").strip().lower() != "chatml":
-            return  # the template may be the tokenizer's: validate without one skips rendering
         self.renderer = ChatRenderer(tok, self.spec.template, self.spec.system_prompt)
         self.report.note(f"chat rendered with {self.renderer.description}")
-        if self.renderer.is_chatml and tok is not None:
+        if self.renderer.is_chatml:
             vocab = tok.get_vocab()
             if "<|im_start|>" not in vocab or "<|im_end|>" not in vocab:
                 self.report.warn(
@@ -269,16 +267,12 @@ class _Pipeline:
         return out
 
     def _tokenize(self, part: _Part) -> None:
-        if self.format == "chat" and self.renderer is None:
-            return
         rendered = self._render(part)
         keep = [i for i, r in enumerate(rendered) if r is not None]
         if len(keep) < len(part):
             kept = part.take(keep, part.name)
             part.records, part.origins, part.keys = kept.records, kept.origins, kept.keys
         usable = [r for r in rendered if r is not None]
-        if self.tokenizer is None:
-            return
         if self.format == "classification":
             part.input_ids = tokenize_texts(self.tokenizer, [r.text for r in usable])
             part.masks = [[1] * len(ids) for ids in part.input_ids]
@@ -347,7 +341,7 @@ class _Pipeline:
         """Each `dataset.mix` source, read and checked in the dataset's format."""
         out = []
         for i, mix in enumerate(self.spec.mix or []):
-            raw = self._load(mix.source)
+            raw = self._load(mix.source, f"mix[{i}]")
             out.append(self._validate(raw, f"mix[{i}]") if raw is not None else _Part("mix"))
         return out
 
@@ -378,7 +372,7 @@ class _Pipeline:
         return train
 
     # -- the whole thing ----------------------------------------------------------------------
-    def run(self, build: bool) -> PreparedDataset:
+    def run(self) -> PreparedDataset:
         spec = self.spec
         raw = self._load(None)
         if raw is None or not raw.records:
@@ -393,13 +387,11 @@ class _Pipeline:
             if split.source is None:
                 held[name] = split
                 continue
-            other = self._load(split.source)
+            other = self._load(split.source, name)
             if other is not None:
                 parts.append(self._validate(other, name))
         if self.format == "classification":
             self._labels(parts, raw.label_names)
-        if self.tokenizer is None:
-            self.report.warn("no tokenizer given: token lengths and templates were not checked")
         for part in parts + mixes:
             self._tokenize(part)
         self._check_leaks(parts)
@@ -433,23 +425,19 @@ class _Pipeline:
         if not self.report.ok:
             raise DatasetError(self.report)
         ordered = [train, *(by_name[n] for n in ("validation", "test") if n in by_name)]
-        if self.tokenizer is not None:
-            for part in ordered:
-                lengths = [len(ids) for ids in part.input_ids]
-                in_loss = (
-                    [0] * len(lengths)
-                    if self.format == "classification"
-                    else [sum(m) for m in part.masks]
-                )
-                self.stats.splits[part.name] = SplitStats.of(lengths, in_loss)
-            if self.label_names is not None and held:
-                names = self.label_names
-                self.stats.label_counts = {
-                    p.name: {n: p.labels.count(i) for i, n in enumerate(names)} for p in ordered
-                }
-        else:
-            for part in ordered:
-                self.stats.splits[part.name] = SplitStats(examples=len(part))
+        for part in ordered:
+            lengths = [len(ids) for ids in part.input_ids]
+            in_loss = (
+                [0] * len(lengths)
+                if self.format == "classification"
+                else [sum(m) for m in part.masks]
+            )
+            self.stats.splits[part.name] = SplitStats.of(lengths, in_loss)
+        if self.label_names is not None and held:
+            names = self.label_names
+            self.stats.label_counts = {
+                p.name: {n: p.labels.count(i) for i, n in enumerate(names)} for p in ordered
+            }
         if self.renderer is not None and self.renderer.non_incremental:
             self.report.warn(
                 f"the chat template rewrites earlier turns for {self.renderer.non_incremental} "
@@ -457,7 +445,7 @@ class _Pipeline:
                 "marker) is in the loss"
             )
         self.report.stats = self.stats
-        datasets = {p.name: self._build(p) if build else None for p in ordered}
+        datasets = {p.name: self._build(p) for p in ordered}
         return PreparedDataset(
             train=datasets["train"],
             eval=datasets.get("validation"),
@@ -487,8 +475,6 @@ class _Pipeline:
                 )
 
     def _build(self, part: _Part) -> Any:
-        if self.tokenizer is None:
-            return None
         from datasets import Dataset
 
         if self.format == "classification":
@@ -507,22 +493,7 @@ def prepare_dataset(
 ) -> PreparedDataset:
     """Load, check, clean, tokenize and split the dataset of a run.
 
-    Raises DatasetError (exit code 65, never retried) listing every hard problem found.
-    I/O errors other than a missing source (network, permissions) propagate unchanged.
+    Raises DatasetError (exit code 65, never retried) listing every hard problem found; a
+    source that cannot be reached is a TransientError (retryable).
     """
-    if tokenizer is None:
-        raise ValueError("prepare_dataset needs a tokenizer (use validate_dataset without one)")
-    return _Pipeline(spec, task, tokenizer, seed).run(build=True)
-
-
-def validate_dataset(
-    spec: DatasetSpec, task: TaskType, tokenizer: Any = None, *, seed: int = 42
-) -> ValidationReport:
-    """Run every check of prepare_dataset without building datasets; never raises DatasetError.
-
-    Without a tokenizer, token lengths (and Jinja chat templates) are not checked.
-    """
-    try:
-        return _Pipeline(spec, task, tokenizer, seed).run(build=False).report
-    except DatasetError as exc:
-        return exc.report
+    return _Pipeline(spec, task, tokenizer, seed).run()

@@ -13,6 +13,8 @@ MAX_EXAMPLES = 5
 #: Issue kinds and how they are titled in messages.
 KINDS: dict[str, str] = {
     "source": "dataset source",
+    "encoding": "not UTF-8 text",
+    "layout": "file layout",
     "unknown_format": "unrecognised format",
     "malformed": "malformed record",
     "not_an_object": "record is not an object",
@@ -89,6 +91,7 @@ class ValidationReport:
     format: str | None = None
     format_reason: str | None = None
     records: int = 0
+    sources: dict[str, tuple[str, int]] = field(default_factory=dict)  # role -> (uri, records)
     groups: dict[str, IssueGroup] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -113,6 +116,11 @@ class ValidationReport:
 
     def add_issue(self, issue: Issue, *, severity: Severity = "error") -> None:
         self.add(issue.kind, issue.message, issue.origin, severity=severity)
+
+    def count_source(self, role: str, uri: str, records: int) -> None:
+        """Records read from one source (`role`: train, validation, test, mix[0], ...)."""
+        self.records += records
+        self.sources[role] = (uri, records)
 
     def warn(self, message: str) -> None:
         if message not in self.warnings:
@@ -150,6 +158,9 @@ class ValidationReport:
             "format": self.format,
             "formatReason": self.format_reason,
             "records": self.records,
+            "sources": {
+                role: {"source": uri, "records": n} for role, (uri, n) in self.sources.items()
+            },
             "errors": [g.to_dict() for g in self.errors],
             "softIssues": [g.to_dict() for g in self.soft],
             "warnings": list(self.warnings),
@@ -179,6 +190,10 @@ class ValidationReport:
         lines = [head + ":"]
         for group in self.errors:
             lines += self._group_lines(group)
+        if self.soft:
+            lines.append("Also found (handled as configured, not errors):")
+            for group in self.soft:
+                lines += self._group_lines(group)
         if any(issue.origin for group in self.errors for issue in group.examples):
             lines.append(
                 "Fix or remove these records (line numbers are 1-based) and check again with "
@@ -192,6 +207,10 @@ class ValidationReport:
         The text may contain user data: print it without markup parsing (rich: markup=False).
         """
         lines = [f"Dataset {self.source}: {self.records} records"]
+        if len(self.sources) > 1:
+            lines = ["Dataset sources:"] + [
+                f"  {role}: {uri} ({n} records)" for role, (uri, n) in self.sources.items()
+            ]
         if self.format:
             reason = f" ({self.format_reason})" if self.format_reason else ""
             lines.append(f"Format: {self.format}{reason}")
