@@ -203,7 +203,10 @@ class ProgressStatus(WireModel):
 class ResultStatus(WireModel):
     """Where the outputs of a finished run are, and its final metrics."""
 
-    adapter_uri: str | None = None
+    adapter_uri: str | None = Field(default=None, description="The trained adapter (PEFT methods).")
+    model_uri: str | None = Field(
+        default=None, description="The trained model (a full fine-tune; it has no adapter)."
+    )
     merged_model_uri: str | None = None
     output_uri: str | None = None
     metrics: dict[str, float] | None = None

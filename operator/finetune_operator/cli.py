@@ -120,7 +120,10 @@ def render_status(name: str, status: FineTuneJobStatus, losses: list[float]) -> 
         parts.append(table)
     if status.result is not None:
         result = status.result
-        parts.append(Text(f"adapter: {result.adapter_uri or '-'}"))
+        if result.model_uri:
+            parts.append(Text(f"model: {result.model_uri}"))
+        else:
+            parts.append(Text(f"adapter: {result.adapter_uri or '-'}"))
         if result.merged_model_uri:
             parts.append(Text(f"merged: {result.merged_model_uri}"))
         if result.metrics:

@@ -280,16 +280,18 @@ def _progress_status(progress: Progress) -> ProgressStatus:
 def merge_checkpoints(
     previous: Iterable[CheckpointInfo], new: Iterable[CheckpointInfo], limit: int = MAX_CHECKPOINTS
 ) -> list[CheckpointInfo]:
-    """Union by step (newest report wins), the last `limit` kept, the lowest eval loss marked best."""
+    """Union by step (newest report wins), the last `limit` kept, the best kept and marked: the
+    one the trainer marked (by the run's metric; a later best has a later step), else the
+    lowest eval loss."""
     by_step = {c.step: c for c in previous}
     for c in new:
         by_step[c.step] = c
     ordered = [by_step[s] for s in sorted(by_step)]
+    marked = [c for c in ordered if c.best]
     evaluated = [c for c in ordered if c.eval_loss is not None]
-    best = min(evaluated, key=lambda c: c.eval_loss or 0.0) if evaluated else None
-    if best is None:
-        marked = [c for c in ordered if c.best]
-        best = marked[-1] if marked else None
+    best = marked[-1] if marked else None
+    if best is None and evaluated:
+        best = min(evaluated, key=lambda c: c.eval_loss or 0.0)
     kept = ordered[-limit:]
     if best is not None and best not in kept:
         kept = [best, *ordered[-(limit - 1) :]] if limit > 1 else [best]
@@ -388,6 +390,7 @@ def _result(summary: Summary | None) -> ResultStatus | None:
         return None
     return ResultStatus(
         adapter_uri=summary.adapter_uri,
+        model_uri=summary.model_uri,
         merged_model_uri=summary.merged_model_uri,
         output_uri=summary.output_uri,
         metrics=dict(summary.metrics) or None,
@@ -401,6 +404,8 @@ def _succeeded(obs: Observation, conds: list[Condition]) -> PhaseResult:
     msg = "training finished"
     if summary is not None and summary.adapter_uri:
         msg = f"training finished; adapter at {summary.adapter_uri}"
+    elif summary is not None and summary.model_uri:
+        msg = f"training finished; model at {summary.model_uri}"
     conds = obs.set(conds, "Succeeded", True, Reason.COMPLETED, msg)
     conds = obs.set(conds, "Running", False, Reason.COMPLETED, msg)
     conds = obs.clear(conds, "Suspended", Reason.COMPLETED, msg)

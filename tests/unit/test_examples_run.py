@@ -45,7 +45,8 @@ def test_example_runs_with_a_tiny_model(
         args += ["--set", override]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert (out / "adapter").is_dir()
+    weights = "model" if spec.get("method", {}).get("type") == "full" else "adapter"
+    assert (out / weights).is_dir()
     assert (out / "metrics.json").exists()
     if spec.get("evaluation", {}).get("generation"):
         assert (out / "samples.jsonl").read_text().count("\n") >= 1

@@ -429,6 +429,27 @@ def test_checkpoints_bounded_and_best_marked() -> None:
     assert [c.best for c in merged] == [True, False, False, False, False]
 
 
+def test_a_full_fine_tune_reports_its_model_not_an_adapter() -> None:
+    case = next(c for c in CASES if c[0] == "succeeded")
+    full = OK.model_copy(update={"adapter_uri": None, "model_uri": "s3://b/out/model"})
+    status = derive_status(SPEC, case[1], case[2], None, full, FineTuneJobStatus(), T1, 1)
+    assert status.result is not None
+    assert (status.result.model_uri, status.result.adapter_uri) == ("s3://b/out/model", None)
+    succeeded = next(c for c in status.conditions if c.type == "Succeeded")
+    assert succeeded.message == "training finished; model at s3://b/out/model"
+
+
+def test_checkpoints_keep_the_best_the_trainer_marked_by_its_metric() -> None:
+    """With earlyStopping on eval_accuracy the best checkpoint is not the lowest loss."""
+    reported = [
+        CheckpointInfo(step=s, uri=f"u/{s}", time=T0, eval_loss=loss, eval_accuracy=acc)
+        for s, loss, acc in ((2, 0.2, 0.6), (4, 0.5, 0.9), (6, 0.4, 0.7), (8, 0.3, 0.8))
+    ]
+    marked = [c.model_copy(update={"best": c.step == 4}) for c in reported]
+    merged = merge_checkpoints([], marked, limit=2)
+    assert [(c.step, c.best) for c in merged] == [(4, True), (8, False)]
+
+
 @pytest.mark.parametrize(
     ("seconds", "text"),
     [(None, None), (5, "5s"), (750, "12m30s"), (3900, "1h05m"), (2 * 86400 + 3 * 3600, "2d03h")],

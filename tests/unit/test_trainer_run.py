@@ -60,7 +60,11 @@ def test_method_trains_and_writes_loadable_artifacts(
     summary, phases, _ = _execute(_run(tiny_model_dir, out, method={"type": method}))
     assert summary.outcome == Outcome.SUCCEEDED, summary.message
     assert summary.steps == 4
-    assert summary.adapter_uri == f"{out}/adapter"
+    weights = "model" if method == "full" else "adapter"  # a full fine-tune is no adapter
+    assert (summary.model_uri, summary.adapter_uri) == (
+        (f"{out}/model", None) if method == "full" else (None, f"{out}/adapter")
+    )
+    assert not (out / ("adapter" if method == "full" else "model")).exists()
     for phase in (Phase.VALIDATING_DATA, Phase.LOADING_MODEL, Phase.TRAINING, Phase.SAVING):
         assert phase in phases
     assert phases[-1] == Phase.SUCCEEDED
@@ -68,11 +72,16 @@ def test_method_trains_and_writes_loadable_artifacts(
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 4
     assert metrics["trained_tokens"] > 0
+    # the estimate follows maxSteps (4 steps, a fraction of an epoch), not `epochs: auto` (3)
+    assert 0.5 < metrics["estimated_trained_tokens"] / metrics["trained_tokens"] < 2
     assert 0 < metrics["trainable_params"] <= metrics["total_params"]
     assert {"eval_loss", "baseline_eval_loss", "eval_perplexity", "train_loss"} <= metrics.keys()
     assert (out / "loss.png").read_bytes().startswith(b"\x89PNG")
+    assert "eval_perplexity" in metrics and "baseline_eval_perplexity" in metrics
+    assert "epoch" not in metrics and not any(k.endswith("_runtime") for k in metrics)
+    assert not any("model_preparation_time" in k for k in metrics)
     card = (out / "README.md").read_text()
-    assert method in card and "How to load" in card
+    assert method in card and "How to load" in card and f'"{weights}")' in card
     history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
     assert any("loss" in h for h in history) and any("eval_loss" in h for h in history)
     # checkpoints: complete ones only, rotated to saveTotalLimit (3) at most
@@ -82,7 +91,7 @@ def test_method_trains_and_writes_loadable_artifacts(
 
     ids = torch.tensor([[5, 6, 7, 8]])
     if method == "full":
-        model = AutoModelForCausalLM.from_pretrained(out / "adapter")
+        model = AutoModelForCausalLM.from_pretrained(out / "model")
     else:
         base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
         model = PeftModel.from_pretrained(base, out / "adapter")
@@ -151,7 +160,7 @@ def test_rerun_of_a_finished_run_reports_the_whole_runs_train_loss(
 
     out = tmp_path / "out"
     weights_file = "model.safetensors" if method == "full" else "adapter_model.safetensors"
-    adapter = out / "adapter" / weights_file
+    adapter = out / ("model" if method == "full" else "adapter") / weights_file
     run = _run(
         tiny_model_dir, out, method={"type": method}, training={"maxSteps": 4, "saveSteps": 2}
     )

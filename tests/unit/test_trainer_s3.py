@@ -68,6 +68,18 @@ def test_s3_model_in_outputs_and_checkpoints_out_then_resume_from_s3(
     )
     assert ckpts == ["checkpoint-4"]
     assert f"{out}/checkpoints/checkpoint-4/.finetune-complete.json" in files
+    # the run's fingerprint is stored with the checkpoints; its lock is released
+    assert f"{out}/fingerprint.json" in files and f"{out}/.finetune.lock" not in files
+
+    # another config on the same S3 output is refused, the output left as it was
+    changed = _run(f"{s3}/models/tiny", out, 4).model_copy(deep=True)
+    changed.training.learning_rate = 0.02
+    refused = run_reported(
+        changed, RunContext(name="r1", scratch=tmp_path / "scratch0"), progress_port=None
+    )
+    assert refused.outcome == Outcome.INVALID_INPUT
+    assert "training.learningRate 0.01 -> 0.02" in (refused.message or "")
+    assert storage.list_files(out) == files
 
     # a new pod (fresh scratch) resumes from the S3 checkpoint and continues to step 6
     second = run_reported(

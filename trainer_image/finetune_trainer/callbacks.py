@@ -2,26 +2,30 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import signal
 import threading
 import time
-from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from finetune_trainer.checkpoints import CheckpointStore
+from finetune_trainer.checkpoints import CheckpointStore, latest_eval
+from finetune_trainer.history import History
+from finetune_trainer.lock import OutputLock
 from finetune_trainer.progress import Phase
 from finetune_trainer.tracker import ProgressTracker
 
 log = logging.getLogger(__name__)
 
 
+class StopRequestedError(Exception):
+    """A stop was requested before training started: there is nothing new to save."""
+
+
 class PreemptionFlag:
-    """Set by SIGTERM (the kubelet's notice before a preemption or eviction)."""
+    """Set by SIGTERM (the kubelet's notice before a preemption or eviction) or Ctrl-C."""
 
     def __init__(self) -> None:
         self.event = threading.Event()
@@ -31,7 +35,9 @@ class PreemptionFlag:
 
         def handler(signum: int, frame: FrameType | None) -> None:
             if not self.event.is_set():
-                log.warning("received signal %d: saving a checkpoint and stopping", signum)
+                log.warning(
+                    "received signal %d: stopping (at the next step, with a checkpoint)", signum
+                )
             self.event.set()
 
         signal.signal(signal.SIGTERM, handler)
@@ -42,22 +48,31 @@ class PreemptionFlag:
         """Whether a stop was requested."""
         return self.event.is_set()
 
+    def check(self) -> None:
+        """Raise StopRequestedError if a stop was requested (for work before training)."""
+        if self.event.is_set():
+            raise StopRequestedError
+
 
 class RunCallback(TrainerCallback):  # type: ignore[misc]
     """Mirrors the Trainer's state into the tracker and history, marks checkpoints complete,
-    and turns a preemption notice into "save now, then stop"."""
+    and turns a preemption notice into "save now, then stop" (before training: "stop now")."""
 
     def __init__(
         self,
         tracker: ProgressTracker,
         store: CheckpointStore,
-        history_path: Path,
+        history: History,
         preemption: PreemptionFlag,
+        lock: OutputLock,
     ) -> None:
         self.tracker = tracker
         self.store = store
-        self.history_path = history_path
+        self.history = history
         self.preemption = preemption
+        self.lock = lock
+        self.started = False  # training started in this process
+        self.training = False  # between the start and the end of train()
         self._start_time = 0.0
         self._start_step = 0
         self._start_tokens = 0
@@ -78,16 +93,30 @@ class RunCallback(TrainerCallback):  # type: ignore[misc]
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any
     ) -> None:
+        self.started = self.training = True
         self._start_time = time.monotonic()
         self._start_step = state.global_step
         self._start_tokens = state.num_input_tokens_seen
+        self.history.restart(state.log_history)
+        resumed = f"resumed from checkpoint-{state.global_step}" if state.global_step else None
         self.tracker.update(
             phase=Phase.TRAINING,
-            message="resumed" if state.global_step else None,
+            message=resumed,
             step=state.global_step,
             total_steps=state.max_steps,
             checkpoints=self.store.complete(),
         )
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any
+    ) -> None:
+        self.training = False
+
+    def on_prediction_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any
+    ) -> None:
+        if not self.started:  # an evaluation before training: stop it at once
+            self.preemption.check()
 
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any
@@ -113,11 +142,9 @@ class RunCallback(TrainerCallback):  # type: ignore[misc]
         logs: dict[str, float] | None = None,
         **_: Any,
     ) -> None:
-        if not logs:
+        if not logs or not self.training:  # evaluations before and after training are reported
             return
-        record = {"step": state.global_step, "epoch": state.epoch, **logs}
-        with self.history_path.open("a") as fh:
-            fh.write(json.dumps(record) + "\n")
+        self.history.append(logs, state.global_step, state.epoch)
         update: dict[str, Any] = {}
         if "loss" in logs:
             update["loss"] = round(float(logs["loss"]), 5)
@@ -137,9 +164,11 @@ class RunCallback(TrainerCallback):  # type: ignore[misc]
     def on_save(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any
     ) -> None:
+        self.lock.ensure_held()  # another run took the output over: this checkpoint is not ours
         self.tracker.phase(Phase.SAVING, f"checkpoint {state.global_step}")
-        eval_loss = CheckpointStore.trainer_eval_loss(state.log_history, state.global_step)
-        self.store.mark_complete(state.global_step, eval_loss)
+        self.store.mark_complete(
+            state.global_step, latest_eval(state.log_history, state.global_step)
+        )
         self.tracker.update(
             phase=Phase.PREEMPTED if self.preemption.is_set else Phase.TRAINING,
             message=None,

@@ -11,9 +11,10 @@ import logging
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from finetune_trainer import storage
+from finetune_trainer.output_files import filesystem
 from finetune_trainer.progress import CheckpointInfo, utcnow
 
 log = logging.getLogger(__name__)
@@ -27,26 +28,39 @@ def _step(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _fs(uri: str) -> tuple[Any, str]:
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(uri, **storage.storage_options(uri))
-    return fs, path
+# What the best checkpoint is chosen by: training.earlyStopping.metric, else eval_loss.
+BestMetric = Literal["eval_loss", "eval_accuracy"]
 
 
-def mark_best(checkpoints: list[CheckpointInfo]) -> list[CheckpointInfo]:
-    """Sort by step and mark the one with the lowest eval loss (if any has one) as best."""
+def mark_best(
+    checkpoints: list[CheckpointInfo], metric: BestMetric = "eval_loss"
+) -> list[CheckpointInfo]:
+    """Sort by step and mark the best by `metric` (lowest loss, highest accuracy) as best;
+    on a tie, the earliest (as transformers keeps it)."""
     ordered = sorted(checkpoints, key=lambda c: c.step)
-    scored = [c for c in ordered if c.eval_loss is not None]
-    best = min(scored, key=lambda c: c.eval_loss or 0.0).step if scored else None
+    scored = [(value, c.step) for c in ordered if (value := getattr(c, metric)) is not None]
+    if metric == "eval_accuracy":
+        scored = [(-value, step) for value, step in scored]
+    best = min(scored)[1] if scored else None
     return [c.model_copy(update={"best": c.step == best}) for c in ordered]
+
+
+def latest_eval(log_history: list[dict[str, Any]], step: int) -> dict[str, float]:
+    """The eval metrics a checkpoint records: the latest evaluation at or before `step`."""
+    evals = [h for h in log_history if "eval_loss" in h and h["step"] <= step]
+    if not evals:
+        return {}
+    return {k: float(evals[-1][k]) for k in ("eval_loss", "eval_accuracy") if k in evals[-1]}
 
 
 class CheckpointStore:
     """Checkpoints of one run: written locally by the Trainer, mirrored to a remote output."""
 
-    def __init__(self, output_uri: str, local_root: Path) -> None:
+    def __init__(
+        self, output_uri: str, local_root: Path, best_metric: BestMetric = "eval_loss"
+    ) -> None:
         self.output_uri = output_uri.rstrip("/")
+        self.best_metric = best_metric
         self.remote = not storage.is_local(output_uri)
         self.local_dir = local_root / "checkpoints"
         self.local_dir.mkdir(parents=True, exist_ok=True)
@@ -55,15 +69,22 @@ class CheckpointStore:
         """Where checkpoint `step` lives in the output location."""
         return f"{self.output_uri}/checkpoints/checkpoint-{step}"
 
-    def mark_complete(self, step: int, eval_loss: float | None) -> CheckpointInfo:
-        """Declare checkpoint `step` complete: upload it (remote outputs), then write the marker."""
+    def mark_complete(self, step: int, evaluation: dict[str, float]) -> CheckpointInfo:
+        """Declare checkpoint `step` complete: upload it (remote outputs), then write the marker
+        (with the eval metrics of `evaluation`, the latest evaluation's)."""
         path = self.local_dir / f"checkpoint-{step}"
-        info = CheckpointInfo(step=step, uri=self.uri(step), eval_loss=eval_loss, time=utcnow())
+        info = CheckpointInfo(
+            step=step,
+            uri=self.uri(step),
+            eval_loss=evaluation.get("eval_loss"),
+            eval_accuracy=evaluation.get("eval_accuracy"),
+            time=utcnow(),
+        )
         marker = info.to_json()
         if self.remote:
             storage.upload(path, self.uri(step))
             self._sync_remote_deletions()
-            fs, remote = _fs(f"{self.uri(step)}/{MARKER}")
+            fs, remote = filesystem(f"{self.uri(step)}/{MARKER}")
             fs.pipe_file(remote, marker.encode())
         tmp = path / f"{MARKER}.tmp"
         tmp.write_text(marker)
@@ -76,20 +97,20 @@ class CheckpointStore:
         for info in self.complete():
             name = f"checkpoint-{info.step}"
             if name not in kept:
-                fs, remote = _fs(self.uri(info.step))
+                fs, remote = filesystem(self.uri(info.step))
                 fs.rm(remote, recursive=True)
 
     def complete(self) -> list[CheckpointInfo]:
-        """All complete checkpoints, oldest first, best marked."""
+        """All complete checkpoints, oldest first, the best by the run's metric marked."""
         found: list[CheckpointInfo] = []
         if self.remote:
-            fs, base = _fs(f"{self.output_uri}/checkpoints")
+            fs, base = filesystem(f"{self.output_uri}/checkpoints")
             for marker in fs.glob(f"{base}/checkpoint-*/{MARKER}"):
                 found.append(CheckpointInfo.model_validate_json(fs.cat_file(marker)))
         else:
             for path in self.local_dir.glob(f"checkpoint-*/{MARKER}"):
                 found.append(CheckpointInfo.model_validate_json(path.read_text()))
-        return mark_best(found)
+        return mark_best(found, self.best_metric)
 
     def prune_incomplete(self) -> list[Path]:
         """Delete local checkpoint directories without a marker (a save cut short)."""
@@ -112,9 +133,3 @@ class CheckpointStore:
         if self.remote and not (path / MARKER).exists():
             storage.download(newest.uri, path)
         return path
-
-    @staticmethod
-    def trainer_eval_loss(log_history: list[dict[str, float]], step: int) -> float | None:
-        """The latest eval loss logged at or before `step`."""
-        losses = [h["eval_loss"] for h in log_history if "eval_loss" in h and h["step"] <= step]
-        return losses[-1] if losses else None

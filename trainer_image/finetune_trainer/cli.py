@@ -29,8 +29,9 @@ from finetune_trainer.progress import Progress as RunProgress
 
 EXIT_CODES = (
     "Exit codes: 0 succeeded; 65 invalid input (the spec, the spec file's contents, the data, "
-    "the model source, an output that cannot be written: one line names what to fix); "
-    "75 interrupted with a checkpoint saved (run again to resume); 2 wrong command line "
+    "the model source, an output that cannot be written, holds another run or is in use: one "
+    "line names what to fix); 75 interrupted (run again to resume from the last checkpoint, or "
+    "to start over when training had not started); 2 wrong command line "
     "(unknown option, FILE missing, a directory or unreadable); 1 failed (retryable, e.g. a "
     "network or server outage; a traceback means a bug)."
 )
@@ -226,6 +227,7 @@ def _summary_table(summary: Summary) -> Table:
     table.add_column()
     for key, value in (
         ("adapter", summary.adapter_uri),
+        ("model", summary.model_uri),
         ("merged model", summary.merged_model_uri),
         ("steps", summary.steps),
         ("trained tokens", f"{summary.trained_tokens:,}" if summary.trained_tokens else None),

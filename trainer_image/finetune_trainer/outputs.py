@@ -1,4 +1,4 @@
-"""Write the run's artifacts: adapter/, merged/, metrics.json, loss.png and the model card."""
+"""Write the run's artifacts: adapter/ (or model/), merged/, metrics.json, loss.png, the card."""
 
 from __future__ import annotations
 
@@ -8,10 +8,19 @@ from typing import Any
 
 from finetune_trainer.config import RunConfig
 
+ADAPTER_DIR = "adapter"
+MODEL_DIR = "model"
 
-def save_adapter(model: Any, tokenizer: Any, out: Path) -> Path:
-    """The trained weights: a PEFT adapter, or the whole model for a full fine-tune."""
-    path = out / "adapter"
+
+def weights_dir(run: RunConfig) -> str:
+    """Where the trained weights go: model/ for a full fine-tune, else adapter/."""
+    return MODEL_DIR if run.method.type == "full" else ADAPTER_DIR
+
+
+def save_weights(run: RunConfig, model: Any, tokenizer: Any, out: Path) -> Path:
+    """The trained weights and the tokenizer: a PEFT adapter in adapter/, or the whole model
+    of a full fine-tune in model/."""
+    path = out / weights_dir(run)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
@@ -83,7 +92,7 @@ def write_model_card(
 ) -> Path:
     """README.md: base model, method, data, metrics and how to load the result."""
     method = run.method.type
-    is_adapter = method != "full"
+    is_adapter = weights_dir(run) == ADAPTER_DIR
     if run.task == "sequence-classification":
         auto = "AutoModelForSequenceClassification"
     else:
@@ -93,7 +102,7 @@ def write_model_card(
         f'base = {auto}.from_pretrained("<base model>")\n'
         f'model = PeftModel.from_pretrained(base, "adapter")'
         if is_adapter
-        else f'from transformers import {auto}\n\nmodel = {auto}.from_pretrained("adapter")'
+        else f'from transformers import {auto}\n\nmodel = {auto}.from_pretrained("{MODEL_DIR}")'
     )
     lines = [
         f"# {name}",

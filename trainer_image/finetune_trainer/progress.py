@@ -34,7 +34,7 @@ class ExitCode(IntEnum):
     SUCCEEDED = 0
     FAILED = 1
     INVALID_INPUT = 65  # bad config or dataset: permanent, never retried (EX_DATAERR)
-    PREEMPTED = 75  # SIGTERM, checkpoint saved: retry and resume (EX_TEMPFAIL)
+    PREEMPTED = 75  # SIGTERM or Ctrl-C: retry; resumes from the last checkpoint (EX_TEMPFAIL)
 
 
 class Phase(StrEnum):
@@ -72,8 +72,14 @@ class CheckpointInfo(WireModel):
     step: int = Field(ge=0)
     uri: str
     eval_loss: float | None = None
+    eval_accuracy: float | None = Field(
+        default=None, description="Validation accuracy (sequence classification)."
+    )
     time: datetime
-    best: bool = False
+    best: bool = Field(
+        default=False,
+        description="The best checkpoint by training.earlyStopping.metric (default eval_loss).",
+    )
 
 
 class Progress(WireModel):
@@ -110,7 +116,8 @@ class Summary(WireModel):
     outcome: Outcome
     reason: str | None = None
     message: str | None = None
-    adapter_uri: str | None = None
+    adapter_uri: str | None = None  # PEFT methods: the adapter
+    model_uri: str | None = None  # a full fine-tune: the whole model
     merged_model_uri: str | None = None
     output_uri: str | None = None
     last_checkpoint: CheckpointInfo | None = None

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from finetune_trainer.config import RunConfig
 from finetune_trainer.errors import InvalidInputError, TransientError, chain, classify
+from finetune_trainer.lock import OutputLockLostError
 from finetune_trainer.progress import (
     ENV_TERMINATION_PATH,
     TERMINATION_MESSAGE_PATH,
@@ -53,6 +54,8 @@ def _where(exc: BaseException) -> str:
 
 
 def _failure(exc: BaseException) -> Summary:
+    if isinstance(exc, OutputLockLostError):  # retryable: the other run may be gone by then
+        return Summary(outcome=Outcome.FAILED, reason="OutputLockLost", message=str(exc))
     found = classify(exc, _where(exc))
     if isinstance(found, InvalidInputError):
         return Summary(outcome=Outcome.INVALID_INPUT, reason="InvalidInput", message=str(found))

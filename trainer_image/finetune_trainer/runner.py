@@ -1,8 +1,10 @@
-"""One fine-tuning run, start to finish: data -> model -> method -> train -> evaluate -> save.
+"""One fine-tuning run, start to finish: lock the output -> data -> same run? -> model ->
+method -> baseline -> train (or resume) -> evaluate -> save.
 
 `execute()` is shared by the container entrypoint (`python -m finetune_trainer`) and the local
 CLI (`finetune run`); it reports through a `ProgressTracker` and returns a `Summary`.
-Errors the user must fix (config, dataset, model source) raise `InvalidInputError`.
+Errors the user must fix (config, dataset, model source, an output in use or holding another
+run) raise `InvalidInputError`.
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from finetune_trainer import hyper, storage
-from finetune_trainer.callbacks import PreemptionFlag, RunCallback
-from finetune_trainer.checkpoints import CheckpointStore
+from finetune_trainer import fingerprint, hyper, storage
+from finetune_trainer.callbacks import PreemptionFlag, RunCallback, StopRequestedError
+from finetune_trainer.checkpoints import BestMetric, CheckpointStore
 from finetune_trainer.config import ConfigError, RunConfig
 from finetune_trainer.errors import InvalidInputError
 from finetune_trainer.generation import GenerationEval, held_out
+from finetune_trainer.history import History
+from finetune_trainer.lock import OutputLock, OutputLockedError, hold_output
 from finetune_trainer.methods import (
     MethodError,
     ParamCount,
@@ -38,20 +42,25 @@ from finetune_trainer.models import (
     load_tokenizer,
     torch_dtype,
 )
+from finetune_trainer.output_files import join
 from finetune_trainer.outputs import (
+    ADAPTER_DIR,
+    MODEL_DIR,
     plot_loss,
-    save_adapter,
     save_merged,
+    save_weights,
+    weights_dir,
     write_metrics,
     write_model_card,
 )
-from finetune_trainer.progress import Outcome, Phase, Summary
+from finetune_trainer.progress import CheckpointInfo, Outcome, Phase, Summary
 from finetune_trainer.tracker import ProgressTracker
 
 log = logging.getLogger(__name__)
 
 ARTIFACTS = (
-    "adapter",
+    ADAPTER_DIR,
+    MODEL_DIR,
     "merged",
     "metrics.json",
     "history.jsonl",
@@ -134,6 +143,12 @@ def use_liger(run: RunConfig, device: str) -> bool:
     return bool(run.training.liger_kernel)
 
 
+def best_metric(run: RunConfig) -> BestMetric:
+    """What the best checkpoint is: training.earlyStopping.metric, else the lowest eval loss."""
+    es = run.training.early_stopping
+    return es.metric if es is not None else "eval_loss"
+
+
 def _training_args(
     run: RunConfig,
     hp: hyper.Resolved,
@@ -172,10 +187,8 @@ def _training_args(
         "save_strategy": "steps",
         "save_steps": t.save_steps,
         "save_total_limit": t.save_total_limit,
-        "metric_for_best_model": (t.early_stopping.metric if t.early_stopping else "eval_loss")
-        if has_eval
-        else None,
-        "greater_is_better": bool(t.early_stopping and t.early_stopping.metric == "eval_accuracy"),
+        "metric_for_best_model": best_metric(run) if has_eval else None,
+        "greater_is_better": best_metric(run) == "eval_accuracy",
         "load_best_model_at_end": t.early_stopping is not None,
         "report_to": "none",
         "disable_tqdm": True,
@@ -198,16 +211,6 @@ def _build_trainer(
     args: dict[str, Any],
     callbacks: list[Any],
 ) -> Any:
-    from transformers import EarlyStoppingCallback
-
-    es = run.training.early_stopping
-    if es is not None:
-        callbacks = [
-            *callbacks,
-            EarlyStoppingCallback(
-                early_stopping_patience=es.patience, early_stopping_threshold=es.threshold
-            ),
-        ]
     if run.task == "sequence-classification":
         import numpy as np
         from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
@@ -284,16 +287,30 @@ def logged_train_loss(log_history: list[dict[str, Any]]) -> float | None:
     return total / steps if steps else None
 
 
-def _evaluate(
-    trainer: Any, model: Any, dataset: Any, prefix: str, *, base: bool
-) -> dict[str, float]:
-    """Evaluate on `dataset`; `base` evaluates the untuned model (adapter disabled)."""
-    with untuned(model) if base else contextlib.nullcontext():
-        metrics: dict[str, float] = trainer.evaluate(dataset, metric_key_prefix=prefix)
+# What an evaluation reports: loss; accuracy (classification); the share of next tokens
+# predicted right (causal LM, from TRL). Timings, token counts and entropy are left out.
+EVAL_RESULTS = ("loss", "accuracy", "mean_token_accuracy")
+
+
+def evaluation_metrics(raw: dict[str, float], prefix: str, task: str) -> dict[str, float]:
+    """The results of one evaluation (`EVAL_RESULTS`), and the perplexity (exp of the loss)
+    for causal LM; a classifier's loss has no perplexity."""
+    metrics = {
+        f"{prefix}_{k}": raw[f"{prefix}_{k}"] for k in EVAL_RESULTS if f"{prefix}_{k}" in raw
+    }
     loss = metrics.get(f"{prefix}_loss")
-    if loss is not None:
+    if task == "causal-lm" and loss is not None:
         metrics[f"{prefix}_perplexity"] = math.exp(min(loss, 50.0))
     return metrics
+
+
+def _evaluate(
+    trainer: Any, dataset: Any, prefix: str, task: str, *, base: bool
+) -> dict[str, float]:
+    """Evaluate on `dataset`; `base` evaluates the untuned model (adapter disabled)."""
+    with untuned(trainer.model) if base else contextlib.nullcontext():
+        raw: dict[str, float] = trainer.evaluate(dataset, metric_key_prefix=prefix)
+    return evaluation_metrics(raw, prefix, task)
 
 
 def generation_eval(run: RunConfig, prepared: Any, tokenizer: Any) -> GenerationEval | None:
@@ -319,7 +336,7 @@ def _publish(out: Path, uri: str) -> None:
     for name in ARTIFACTS:
         path = out / name
         if path.exists():
-            storage.upload(path, f"{uri.rstrip('/')}/{name}")
+            storage.upload(path, join(uri, name))
 
 
 def data_summary(prepared: Any) -> str:
@@ -353,29 +370,74 @@ def prepare_data(run: RunConfig, local: LocalModel) -> tuple[Any, Any]:
     return tokenizer, prepared
 
 
-def execute(run: RunConfig, ctx: RunContext) -> Summary:
-    """Run the fine-tuning end to end and return the final summary."""
-    import datasets
-    from transformers import PrinterCallback
+def planned_epochs(trainer: Any, epochs: float) -> float:
+    """Passes over the training data the run is set up for: with maxSteps (which transformers
+    follows instead of epochs), maxSteps / optimizer steps per epoch; else `epochs`."""
+    if trainer.args.max_steps <= 0:
+        return epochs
+    batches = len(trainer.get_train_dataloader())
+    per_epoch = max(math.ceil(batches / trainer.args.gradient_accumulation_steps), 1)
+    return float(trainer.args.max_steps / per_epoch)
 
-    datasets.disable_progress_bars()
-    started = time.monotonic()
-    tracker = ctx.tracker
-    out = _local_output(run, ctx)
+
+# -- the steps of a run ----------------------------------------------------------------------
+@dataclass
+class _Data:
+    """The tokenizer, the prepared dataset and the generation eval of a run."""
+
+    model: LocalModel
+    tokenizer: Any
+    prepared: Any
+    generation: GenerationEval | None
+
+
+@dataclass
+class _Model:
+    """The model to train, with its method applied, and what was resolved for it."""
+
+    model: Any
+    params: ParamCount
+    hp: hyper.Resolved
+    batch_size: int
+    device: str
+
+
+def _load_data(run: RunConfig, ctx: RunContext, out: Path) -> _Data:
+    """Fetch the tokenizer, validate and tokenize the dataset, check the generation eval."""
+    ctx.tracker.phase(Phase.VALIDATING_DATA, "fetching the model's tokenizer and the dataset")
+    local = fetch_model(run.model, out.parent / ".cache")  # ModelLoadError: invalid input
+    tokenizer, prepared = prepare_data(run, local)
+    line = data_summary(prepared)
+    ctx.tracker.update(message=line)
+    log.info("dataset: %s", line)
+    generation = generation_eval(run, prepared, tokenizer)  # checked before the model loads
+    return _Data(local, tokenizer, prepared, generation)
+
+
+def _check_same_run(
+    run: RunConfig, identity: fingerprint.Fingerprint, store: CheckpointStore
+) -> None:
+    """Refuse an output that holds another run's checkpoints or results."""
     try:
-        tracker.phase(Phase.VALIDATING_DATA, "fetching the model's tokenizer and the dataset")
-        local = fetch_model(run.model, out.parent / ".cache")
-        tokenizer, prepared = prepare_data(run, local)
-        line = data_summary(prepared)
-        tracker.update(message=line)
-        log.info("dataset: %s", line)
-        generation = generation_eval(run, prepared, tokenizer)  # checked before the model loads
+        fingerprint.check(run.output.uri, identity, has_checkpoints=bool(store.complete()))
+    except fingerprint.DifferentRunError as exc:
+        raise InvalidInputError(str(exc)) from exc
 
-        device = _device()
-        hp = hyper.resolve(run, len(prepared.train), device)
-        tracker.phase(Phase.LOADING_MODEL, local.description)
+
+def _load_model(run: RunConfig, ctx: RunContext, data: _Data) -> _Model:
+    """Seed, load the base model, apply the method and settle the batch size."""
+    from transformers import set_seed
+
+    device = _device()
+    hp = hyper.resolve(run, len(data.prepared.train), device)
+    ctx.tracker.phase(Phase.LOADING_MODEL, data.model.description)
+    set_seed(run.training.seed)  # the new head and the adapter start from the seed's weights
+    try:
         model = load_model(
-            local, run, dtype=_load_dtype(run, hp.precision), label_names=prepared.label_names
+            data.model,
+            run,
+            dtype=_load_dtype(run, hp.precision),
+            label_names=data.prepared.label_names,
         )
         if hp.gradient_checkpointing:
             model.gradient_checkpointing_enable()
@@ -388,101 +450,260 @@ def execute(run: RunConfig, ctx: RunContext) -> Summary:
     if batch_size is None:
         if device == "cuda" and next(model.parameters()).device.type != "cuda":
             model.to("cuda")  # k-bit models are already placed (and refuse .to)
-        batch_size = hyper.probe_batch_size(
-            model, run.dataset.max_seq_length, min(hyper.GPU_AUTO_BATCH_START, len(prepared.train))
-        )
+        start = min(hyper.GPU_AUTO_BATCH_START, len(data.prepared.train))
+        batch_size = hyper.probe_batch_size(model, run.dataset.max_seq_length, start)
         log.info("auto batch size: %d", batch_size)
+    return _Model(model, params, hp, batch_size, device)
 
-    store = CheckpointStore(run.output.uri, out)
-    callback = RunCallback(tracker, store, out / "history.jsonl", ctx.preemption)
-    args = _training_args(run, hp, batch_size, store.local_dir, prepared.eval is not None, device)
-    trainer = _build_trainer(run, model, tokenizer, prepared, args, [callback])
-    trainer.remove_callback(PrinterCallback)  # RunCallback logs each step once, as text
 
+def _baseline(
+    run: RunConfig, ctx: RunContext, trainer: Any, data: _Data, history: History
+) -> dict[str, Any]:
+    """Evaluate the untuned model: loss (and accuracy) on the validation split, answers to
+    the generation eval's prompts. Returns the `baseline_*` metrics."""
     metrics: dict[str, Any] = {}
-    if prepared.eval is not None:
-        tracker.phase(Phase.EVALUATING, "baseline: the untuned model on the validation split")
-        base = _evaluate(trainer, trainer.model, prepared.eval, "eval", base=True)
-        metrics["baseline_eval_loss"] = base["eval_loss"]
-        metrics["baseline_perplexity"] = base["eval_perplexity"]
+    if data.prepared.eval is not None:
+        ctx.tracker.phase(Phase.EVALUATING, "baseline: the untuned model on the validation split")
+        base = _evaluate(trainer, data.prepared.eval, "eval", run.task, base=True)
+        metrics.update({f"baseline_{k}": v for k, v in base.items()})
+        history.baseline = {"step": 0, "epoch": 0.0, **base}
+    if data.generation is not None:
+        n = len(data.generation.held.prompts)
+        ctx.tracker.phase(Phase.EVALUATING, f"baseline: the untuned model answers {n} prompts")
+        data.generation.answer_untuned(trainer.model, data.tokenizer)
+    return metrics
 
-    if generation is not None:
-        n = len(generation.held.prompts)
-        tracker.phase(Phase.EVALUATING, f"baseline: the untuned model answers {n} prompts")
-        generation.answer_untuned(trainer.model, tokenizer)
+
+def _train(
+    run: RunConfig, ctx: RunContext, trainer: Any, store: CheckpointStore, history: History
+) -> tuple[Any, str | None]:
+    """Train from scratch or from the newest complete checkpoint (or, when that one already
+    reached maxSteps, just load it). Returns the train() result (None when nothing was
+    trained) and the name of the checkpoint resumed from."""
+    from transformers import EarlyStoppingCallback
 
     resume = store.resume_path()
-    if resume:
+    if resume is not None:
         log.info("resuming from %s", resume.name)
-    result = None
-    trained = not ctx.preemption.is_set  # a notice during set-up: nothing new to save, stop now
-    if trained and resume and restore_finished(trainer, resume):
-        log.info("%s already reached training.maxSteps: nothing left to train", resume.name)
-    elif trained:
-        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    state = trainer.state
-    checkpoints = store.complete()
-
-    if ctx.preemption.is_set or not trained:
-        tracker.phase(Phase.PREEMPTED, f"stopped at step {state.global_step}; checkpoint saved")
-        return Summary(
-            outcome=Outcome.PREEMPTED,
-            reason="Preempted",
-            message=f"stopped at step {state.global_step} of {state.max_steps}; will resume",
-            output_uri=run.output.uri,
-            last_checkpoint=checkpoints[-1] if checkpoints else None,
-            steps=state.global_step,
-            trained_tokens=state.num_input_tokens_seen or None,
+        ctx.tracker.phase(Phase.LOADING_MODEL, f"resuming from {resume.name}")
+        if restore_finished(trainer, resume):
+            log.info("%s already reached training.maxSteps: nothing left to train", resume.name)
+            history.restart(trainer.state.log_history)
+            return None, resume.name
+    es = run.training.early_stopping
+    if es is not None:  # during training only: it watches the validation split's metric
+        trainer.add_callback(
+            EarlyStoppingCallback(
+                early_stopping_patience=es.patience, early_stopping_threshold=es.threshold
+            )
         )
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    trainer.remove_callback(EarlyStoppingCallback)
+    return result, resume.name if resume else None
 
+
+# What a run was doing in each phase before training, for "stopped while ...".
+_ACTIVITY = {
+    Phase.STARTING: "waiting for the output location",
+    Phase.VALIDATING_DATA: "validating the data",
+    Phase.LOADING_MODEL: "loading the model",
+}
+
+
+def _stopped_before_training(run: RunConfig, ctx: RunContext, store: CheckpointStore) -> Summary:
+    """A stop requested before training (re)started: nothing new to save, nothing lost."""
+    progress = ctx.tracker.snapshot()
+    activity = _ACTIVITY.get(progress.phase) or f"{progress.phase.value} ({progress.message})"
+    checkpoints = store.complete()
+    newest = checkpoints[-1] if checkpoints else None
+    next_run = (
+        f"running again resumes from checkpoint-{newest.step}"
+        if newest is not None
+        else "no checkpoint yet; running again starts from scratch"
+    )
+    message = f"stopped while {activity}: nothing lost; {next_run}"
+    ctx.tracker.phase(Phase.PREEMPTED, message)
+    return Summary(
+        outcome=Outcome.PREEMPTED,
+        reason="Preempted",
+        message=message,
+        output_uri=run.output.uri,
+        last_checkpoint=newest,
+        steps=newest.step if newest is not None else 0,
+    )
+
+
+def _preempted(
+    run: RunConfig,
+    ctx: RunContext,
+    state: Any,
+    checkpoints: list[CheckpointInfo],
+    resumed: str | None,
+) -> Summary:
+    """Stopped during training: the checkpoint saved at the stop is the one to resume from."""
+    newest = checkpoints[-1] if checkpoints else None
+    next_run = (
+        f"checkpoint-{newest.step} is complete; running again resumes from it"
+        if newest is not None
+        else "no checkpoint was saved; running again starts from scratch"
+    )
+    since = f" (resumed from {resumed})" if resumed else ""
+    message = f"stopped at step {state.global_step} of {state.max_steps}{since}; {next_run}"
+    ctx.tracker.phase(Phase.PREEMPTED, message)
+    return Summary(
+        outcome=Outcome.PREEMPTED,
+        reason="Preempted",
+        message=message,
+        output_uri=run.output.uri,
+        last_checkpoint=newest,
+        steps=state.global_step,
+        trained_tokens=state.num_input_tokens_seen or None,
+    )
+
+
+def _final_metrics(
+    run: RunConfig, ctx: RunContext, trainer: Any, data: _Data, out: Path
+) -> dict[str, Any]:
+    """Evaluate the trained model: validation and test splits, generation eval."""
+    metrics: dict[str, Any] = {}
+    prepared = data.prepared
+    for split, dataset in (("eval", prepared.eval), ("test", prepared.test)):
+        if dataset is not None:
+            name = "validation" if split == "eval" else "test"
+            ctx.tracker.phase(Phase.EVALUATING, f"{name} split")
+            metrics.update(_evaluate(trainer, dataset, split, run.task, base=False))
+    if data.generation is not None:
+        n = len(data.generation.held.prompts)
+        ctx.tracker.phase(Phase.EVALUATING, f"the tuned model answers {n} prompts")
+        metrics.update(data.generation.answer_tuned(trainer.model, data.tokenizer, out))
+    return metrics
+
+
+def _save_outputs(
+    run: RunConfig,
+    ctx: RunContext,
+    trainer: Any,
+    data: _Data,
+    metrics: dict[str, Any],
+    out: Path,
+    lock: OutputLock,
+) -> str | None:
+    """Write the weights, metrics, plot and model card, and publish them to a remote output.
+    Returns the merged model's URI, if one was written."""
+    lock.ensure_held()  # another run took the output over: these results are not to be published
+    ctx.tracker.phase(Phase.SAVING, f"{weights_dir(run)}, metrics and model card")
+    path = save_weights(run, trainer.model, data.tokenizer, out)
+    merged_uri = None
+    if run.output.merge_adapter:
+        save_merged(trainer.model, data.tokenizer, out)
+        merged_uri = join(run.output.uri, "merged")
+    write_metrics(metrics, out)
+    plot_loss(out / "history.jsonl", out)
+    write_model_card(run, metrics, _card_stats(data.prepared.stats), out, ctx.name)
+    _publish(out, run.output.uri)
+    log.info("wrote %s", path)
+    return merged_uri
+
+
+def execute(run: RunConfig, ctx: RunContext) -> Summary:
+    """Run the fine-tuning end to end and return the final summary."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    out = _local_output(run, ctx)
+
+    def on_wait(message: str) -> None:
+        ctx.tracker.phase(Phase.STARTING, message)
+
+    try:
+        # the writing process alone (rank 0 under torchrun) holds the output
+        with hold_output(run.output.uri, out, on_wait=on_wait) as lock:
+            return _execute_holding(run, ctx, out, lock)
+    except OutputLockedError as exc:
+        raise InvalidInputError(str(exc)) from exc
+
+
+def _trainer(
+    run: RunConfig,
+    ctx: RunContext,
+    data: _Data,
+    built: _Model,
+    store: CheckpointStore,
+    history: History,
+    lock: OutputLock,
+) -> Any:
+    """The Trainer of the run, reporting through RunCallback."""
+    from transformers import PrinterCallback
+
+    callback = RunCallback(ctx.tracker, store, history, ctx.preemption, lock)
+    has_eval = data.prepared.eval is not None
+    args = _training_args(run, built.hp, built.batch_size, store.local_dir, has_eval, built.device)
+    trainer = _build_trainer(run, built.model, data.tokenizer, data.prepared, args, [callback])
+    trainer.remove_callback(PrinterCallback)  # RunCallback logs each step once, as text
+    return trainer
+
+
+def _run_metrics(
+    trainer: Any, result: Any, resumed: str | None, built: _Model, data: _Data, started: float
+) -> dict[str, Any]:
+    """The whole run's train loss, steps, tokens, parameters and runtime."""
+    state = trainer.state
+    metrics: dict[str, Any] = {}
     train_loss = (
         result.training_loss
-        if result is not None and not resume
+        if result is not None and not resumed
         else logged_train_loss(state.log_history)
     )
     if train_loss is not None:
         metrics["train_loss"] = train_loss
-    if prepared.eval is not None:
-        tracker.phase(Phase.EVALUATING, "validation split")
-        metrics.update(_evaluate(trainer, trainer.model, prepared.eval, "eval", base=False))
-    if prepared.test is not None:
-        tracker.phase(Phase.EVALUATING, "test split")
-        metrics.update(_evaluate(trainer, trainer.model, prepared.test, "test", base=False))
-    if generation is not None:
-        n = len(generation.held.prompts)
-        tracker.phase(Phase.EVALUATING, f"the tuned model answers {n} prompts")
-        metrics.update(generation.answer_tuned(trainer.model, tokenizer, out))
-    metrics = {k: v for k, v in metrics.items() if not k.endswith(("_runtime", "per_second"))}
     metrics.update(
         steps=state.global_step,
         epochs=round(state.epoch or 0.0, 4),
         trained_tokens=state.num_input_tokens_seen,
-        trainable_params=params.trainable,
-        total_params=params.total,
+        trainable_params=built.params.trainable,
+        total_params=built.params.total,
         runtime_seconds=round(time.monotonic() - started, 1),
-        estimated_trained_tokens=prepared.stats.estimated_trained_tokens(hp.epochs),
+        estimated_trained_tokens=data.prepared.stats.estimated_trained_tokens(
+            planned_epochs(trainer, built.hp.epochs)
+        ),
     )
+    return metrics
 
-    tracker.phase(Phase.SAVING, "adapter, metrics and model card")
-    adapter_dir = save_adapter(trainer.model, tokenizer, out)
-    merged_uri = None
-    if run.output.merge_adapter:
-        save_merged(trainer.model, tokenizer, out)
-        merged_uri = f"{run.output.uri.rstrip('/')}/merged"
-    write_metrics(metrics, out)
-    plot_loss(out / "history.jsonl", out)
-    write_model_card(run, metrics, _card_stats(prepared.stats), out, ctx.name)
-    _publish(out, run.output.uri)
-    log.info("wrote %s", adapter_dir)
-    return _summary(run, metrics, params, checkpoints, merged_uri)
+
+def _execute_holding(run: RunConfig, ctx: RunContext, out: Path, lock: OutputLock) -> Summary:
+    """`execute` once the output location is this run's."""
+    started = time.monotonic()
+    store = CheckpointStore(run.output.uri, out, best_metric(run))
+    try:
+        data = _load_data(run, ctx, out)
+        identity = fingerprint.of_run(run, data.prepared)
+        _check_same_run(run, identity, store)
+        ctx.preemption.check()
+        built = _load_model(run, ctx, data)
+        ctx.preemption.check()
+        history = History(out / "history.jsonl")
+        trainer = _trainer(run, ctx, data, built, store, history, lock)
+        metrics = _baseline(run, ctx, trainer, data, history)
+        ctx.preemption.check()
+        fingerprint.record(run.output.uri, identity)  # from here on the output holds this run
+        result, resumed = _train(run, ctx, trainer, store, history)
+        if ctx.preemption.is_set and result is not None:
+            return _preempted(run, ctx, trainer.state, store.complete(), resumed)
+        metrics.update(_final_metrics(run, ctx, trainer, data, out))
+    except StopRequestedError:
+        return _stopped_before_training(run, ctx, store)
+    metrics.update(_run_metrics(trainer, result, resumed, built, data, started))
+    merged_uri = _save_outputs(run, ctx, trainer, data, metrics, out, lock)
+    return _summary(run, metrics, built.params, store.complete(), merged_uri, resumed)
 
 
 def _summary(
     run: RunConfig,
     metrics: dict[str, Any],
     params: ParamCount,
-    checkpoints: list[Any],
+    checkpoints: list[CheckpointInfo],
     merged_uri: str | None,
+    resumed: str | None,
 ) -> Summary:
     keep = (
         "eval_loss",
@@ -495,13 +716,18 @@ def _summary(
         "generation_bleu",
         "baseline_generation_bleu",
         "eval_accuracy",
+        "baseline_eval_accuracy",
         "test_accuracy",
         "runtime_seconds",
     )
+    weights_uri = join(run.output.uri, weights_dir(run))
+    full = weights_dir(run) == MODEL_DIR
     return Summary(
         outcome=Outcome.SUCCEEDED,
         reason="Succeeded",
-        adapter_uri=f"{run.output.uri.rstrip('/')}/adapter",
+        message=f"resumed from {resumed}" if resumed else None,
+        adapter_uri=None if full else weights_uri,
+        model_uri=weights_uri if full else None,
         merged_model_uri=merged_uri,
         output_uri=run.output.uri,
         last_checkpoint=checkpoints[-1] if checkpoints else None,
