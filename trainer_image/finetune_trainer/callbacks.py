@@ -30,8 +30,12 @@ class PreemptionFlag:
     def __init__(self) -> None:
         self.event = threading.Event()
 
-    def install(self) -> None:
-        """Handle SIGTERM (and SIGINT) by asking the training loop to save and stop."""
+    def install(self, worker: bool = False) -> None:
+        """Handle SIGTERM and SIGINT by asking the training loop to save and stop.
+
+        A `worker` under the launcher handles SIGINT only: the launcher turns the pod's SIGTERM
+        into SIGINT for every worker, and sends SIGTERM itself only to stop the survivors of a
+        failed worker, which must then exit at once instead of waiting on a collective."""
 
         def handler(signum: int, frame: FrameType | None) -> None:
             if not self.event.is_set():
@@ -40,7 +44,8 @@ class PreemptionFlag:
                 )
             self.event.set()
 
-        signal.signal(signal.SIGTERM, handler)
+        if not worker:
+            signal.signal(signal.SIGTERM, handler)
         signal.signal(signal.SIGINT, handler)
 
     @property

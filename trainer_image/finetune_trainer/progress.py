@@ -127,6 +127,14 @@ class Summary(WireModel):
     trained_tokens: int | None = None
     steps: int | None = None
 
+    def exit_code(self) -> ExitCode:
+        """The exit code the operator expects for this outcome."""
+        return {
+            Outcome.SUCCEEDED: ExitCode.SUCCEEDED,
+            Outcome.INVALID_INPUT: ExitCode.INVALID_INPUT,
+            Outcome.PREEMPTED: ExitCode.PREEMPTED,
+        }.get(self.outcome, ExitCode.FAILED)
+
     def to_termination_message(self) -> str:
         """Serialise within TERMINATION_MESSAGE_MAX_BYTES, shortening the message if needed."""
         text = self.to_json()
