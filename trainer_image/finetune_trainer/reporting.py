@@ -92,8 +92,11 @@ def run_reported(run: RunConfig, ctx: RunContext, *, progress_port: int | None) 
     termination-message file). `progress_port` None or 0 serves no /progress."""
     rank = Rank.from_env()
     ctx.preemption.install(worker=rank.launched)
-    serve = progress_port and rank.is_main
-    server = ProgressServer(ctx.tracker, progress_port).start() if serve else None
+    server = (
+        ProgressServer(ctx.tracker, progress_port).start()
+        if progress_port and rank.is_main
+        else None
+    )
     try:
         summary = execute(run, ctx)
     except Exception as exc:  # every failure must still produce a summary and an exit code
