@@ -247,6 +247,14 @@ class ResultStatus(WireModel):
     trained_tokens: int | None = Field(default=None, ge=0)
 
 
+class WorkersStatus(WireModel):
+    """The pods of a run of several workers, and how many processes train."""
+
+    ready: int = Field(ge=0, description="Pods whose trainer is running.")
+    total: int = Field(ge=1, description="Pods of the run (spec.resources.nodes).")
+    world_size: int = Field(ge=1, description="Worker processes over all pods.")
+
+
 class FineTuneJobStatus(WireModel):
     """Observed state of a FineTuneJob, owned by the operator."""
 
@@ -262,6 +270,9 @@ class FineTuneJobStatus(WireModel):
     job_name: str | None = Field(default=None, max_length=253)
     pod_name: str | None = Field(
         default=None, max_length=253, description="The trainer pod of the latest attempt."
+    )
+    workers: WorkersStatus | None = Field(
+        default=None, description="Pods and worker processes, for a run of several workers."
     )
     observed_generation: int | None = Field(default=None, ge=0)
 

@@ -30,18 +30,22 @@ from pathlib import Path
 from types import FrameType
 
 from finetune_trainer.distributed import ENV_SUMMARY_DIR
-from finetune_trainer.progress import ExitCode, Outcome, Summary
+from finetune_trainer.progress import (
+    ENV_JOB_COMPLETION_INDEX,
+    ENV_MASTER_ADDR,
+    ENV_MASTER_PORT,
+    ENV_NNODES,
+    ENV_NODE_RANK,
+    ENV_NPROC_PER_NODE,
+    ENV_RDZV_TIMEOUT,
+    ENV_SHUTDOWN_TIMEOUT,
+    ExitCode,
+    Outcome,
+    Summary,
+)
 
 log = logging.getLogger(__name__)
 
-ENV_NNODES = "PET_NNODES"
-ENV_NPROC_PER_NODE = "PET_NPROC_PER_NODE"
-ENV_NODE_RANK = "PET_NODE_RANK"
-ENV_MASTER_ADDR = "PET_MASTER_ADDR"
-ENV_MASTER_PORT = "PET_MASTER_PORT"
-ENV_RDZV_TIMEOUT = "FINETUNE_RDZV_TIMEOUT_SECONDS"
-ENV_SHUTDOWN_TIMEOUT = "FINETUNE_SHUTDOWN_TIMEOUT_SECONDS"
-ENV_JOB_COMPLETION_INDEX = "JOB_COMPLETION_INDEX"
 DEFAULT_MASTER_PORT = 29500
 DEFAULT_RDZV_TIMEOUT = 900
 DEFAULT_SHUTDOWN_TIMEOUT = 270  # inside the pod's 300 s grace period
