@@ -196,10 +196,11 @@ def _forward_sigterm_as_sigint() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-def launch(group: Group, command: list[str]) -> Summary:
+def launch(group: Group, command: list[str], log_dir: Path | None = None) -> Summary:
     """Run `command` (this trainer, as a worker) once per local rank under PyTorch's elastic
-    agent with static rendezvous at the group's master, and return the pod's merged summary."""
-    from torch.distributed.elastic.multiprocessing.api import SignalException
+    agent with static rendezvous at the group's master, and return the pod's merged summary.
+    The workers write to this process's output, or to files under `log_dir`."""
+    from torch.distributed.elastic.multiprocessing.api import DefaultLogsSpecs, SignalException, Std
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -216,6 +217,7 @@ def launch(group: Group, command: list[str]) -> Summary:
         start_method="spawn",
         signals_to_handle="SIGINT,SIGHUP,SIGQUIT",
         shutdown_timeout=group.shutdown_timeout,
+        logs_specs=DefaultLogsSpecs(str(log_dir), redirects=Std.ALL) if log_dir else None,
     )
     with tempfile.TemporaryDirectory(prefix="finetune-workers-") as tmp:
         directory = Path(tmp)

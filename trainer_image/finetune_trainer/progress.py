@@ -85,6 +85,9 @@ class CheckpointInfo(WireModel):
         default=None, description="Validation accuracy (sequence classification)."
     )
     time: datetime
+    world_size: int | None = Field(
+        default=None, ge=1, description="Workers that wrote it (a resume needs as many)."
+    )
     best: bool = Field(
         default=False,
         description="The best checkpoint by training.earlyStopping.metric (default eval_loss).",
