@@ -55,8 +55,11 @@ class PreemptionFlag:
         return self.event.is_set()
 
     def agreed(self) -> bool:
-        """Whether a stop was requested on any rank (each rank of a run must ask together)."""
-        return agree(self.event.is_set())
+        """Whether a stop was requested on any rank (each rank of a run must ask together);
+        if so, it now counts as requested on this rank too."""
+        if agree(self.event.is_set()):
+            self.event.set()
+        return self.event.is_set()
 
     def check(self) -> None:
         """Raise StopRequestedError if a stop was requested on any rank (for work before

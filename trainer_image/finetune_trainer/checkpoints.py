@@ -46,8 +46,9 @@ def mark_best(
 
 
 def latest_eval(log_history: list[dict[str, Any]], step: int) -> dict[str, float]:
-    """The eval metrics a checkpoint records: the latest evaluation at or before `step`."""
-    evals = [h for h in log_history if "eval_loss" in h and h["step"] <= step]
+    """The eval metrics a checkpoint records: the latest evaluation at or before `step` (not
+    one at step 0, which evaluated the untuned model)."""
+    evals = [h for h in log_history if "eval_loss" in h and 0 < h["step"] <= step]
     if not evals:
         return {}
     return {k: float(evals[-1][k]) for k in ("eval_loss", "eval_accuracy") if k in evals[-1]}
