@@ -412,3 +412,13 @@ def test_policy_from_env() -> None:
         poll_interval_seconds=2.5,
     )
     assert Policy.from_env({}) == Policy()
+
+
+def test_kueue_admits_a_group_as_one_suspended_indexed_job() -> None:
+    """Kueue's batch/Job integration admits the Job as one workload of `parallelism` pods:
+    all of the group's pods, or none."""
+    job = build_job("ft", "ns", make(resources={"gpus": 8, "nodes": 4}, queueName="team-a"), POLICY)
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    assert job["spec"]["suspend"] is True
+    assert (job["spec"]["parallelism"], job["spec"]["completions"]) == (4, 4)
+    assert job["spec"]["completionMode"] == "Indexed"
