@@ -162,6 +162,18 @@ SPEC_RULES: dict[tuple[str, ...], list[dict[str, str]]] = {
             ".training.distributed.strategy",
         ),
         _rule(
+            f"!({_FSDP}) || !has(self.output.mergeAdapter) || !self.output.mergeAdapter",
+            "spec.output.mergeAdapter: an FSDP run's model is sharded and cannot be merged in "
+            "the trainer; merge the adapter afterwards, or use ddp",
+            ".output.mergeAdapter",
+        ),
+        _rule(
+            f"!({_FSDP}) || {_NO_GENERATION_EVAL}",
+            "spec.evaluation.generation: an FSDP run's model is sharded and cannot generate in "
+            "the trainer; use ddp, or evaluate the saved model afterwards",
+            ".evaluation.generation",
+        ),
+        _rule(
             f"!({_VIRTUAL_TOKENS}) || !has(self.task) || self.task == 'causal-lm'",
             "spec.method.type: prefix and prompt tuning train causal-lm only (PEFT cannot run "
             "them in front of a classification head)",

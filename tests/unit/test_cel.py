@@ -86,14 +86,14 @@ CASES: list[tuple[str, str, str, dict[str, Any], dict[str, Any]]] = [
     ),
     (
         "merge-needs-adapter",
-        "spec.output.mergeAdapter",
+        "spec.output.mergeAdapter: only lora",
         ".spec.output.mergeAdapter",
         spec_with(method={"type": "ia3"}, output={"uri": "s3://b/o", "mergeAdapter": True}),
         spec_with(method={"type": "full"}, output={"uri": "s3://b/o", "mergeAdapter": True}),
     ),
     (
         "merge-prefix",
-        "spec.output.mergeAdapter",
+        "spec.output.mergeAdapter: only lora",
         ".spec.output.mergeAdapter",
         spec_with(method={"type": "prefix"}, output={"uri": "s3://b/o", "mergeAdapter": False}),
         spec_with(method={"type": "prefix"}, output={"uri": "s3://b/o", "mergeAdapter": True}),
@@ -252,6 +252,33 @@ CASES: list[tuple[str, str, str, dict[str, Any], dict[str, Any]]] = [
         ),
         spec_with(
             method={"type": "lora", "quantization": {"bits": 8}},
+            training={"distributed": {"strategy": "fsdp"}},
+            resources={"gpus": 2},
+        ),
+    ),
+    (
+        "fsdp-no-merge",
+        "an FSDP run's model is sharded and cannot be merged",
+        ".spec.output.mergeAdapter",
+        spec_with(output={"uri": "s3://b/o", "mergeAdapter": True}, resources={"gpus": 2}),
+        spec_with(
+            output={"uri": "s3://b/o", "mergeAdapter": True},
+            training={"distributed": {"strategy": "fsdp"}},
+            resources={"gpus": 2},
+        ),
+    ),
+    (
+        "fsdp-no-generation-eval",
+        "an FSDP run's model is sharded and cannot generate",
+        ".spec.evaluation.generation",
+        spec_with(
+            dataset={"source": "s3://b/t", "validation": {"splitRatio": 0.1}},
+            evaluation={"generation": {}},
+            resources={"gpus": 2},
+        ),
+        spec_with(
+            dataset={"source": "s3://b/t", "validation": {"splitRatio": 0.1}},
+            evaluation={"generation": {}},
             training={"distributed": {"strategy": "fsdp"}},
             resources={"gpus": 2},
         ),

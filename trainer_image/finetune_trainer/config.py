@@ -547,6 +547,16 @@ class RunConfig(SpecModel):
                 "training.distributed.strategy: FSDP cannot shard an 8-bit base; use 4-bit "
                 "quantization (qlora) or ddp"
             )
+        if self.output.merge_adapter:
+            raise ValueError(
+                "output.mergeAdapter: an FSDP run's model is sharded and cannot be merged in "
+                "the trainer; merge the adapter afterwards, or use ddp"
+            )
+        if self.evaluation is not None and self.evaluation.generation is not None:
+            raise ValueError(
+                "evaluation.generation: an FSDP run's model is sharded and cannot generate in "
+                "the trainer; use ddp, or evaluate the saved model afterwards"
+            )
 
     def _check_virtual_tokens(self) -> None:
         """What prefix and prompt tuning cannot do (each found by running it on tiny models)."""
