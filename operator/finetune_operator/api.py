@@ -46,9 +46,13 @@ KBIT_NEEDS_GPU = (
     "resources.gpus: k-bit loading (qlora, or method.quantization) needs a GPU "
     "(bitsandbytes k-bit kernels); set gpus: 1"
 )
-KBIT_ONE_GPU = (
-    "resources.gpus: k-bit (qlora) training runs on one GPU per pod (transformers does not "
-    "split a quantized model across GPUs); set gpus: 1"
+FSDP_NEEDS_WORKERS = (
+    "training.distributed.strategy: fsdp shards over several workers; set resources.gpus or "
+    "resources.nodes so the run has more than one (or use ddp / auto)"
+)
+NODE_SHARDING_NEEDS_GROUP = (
+    "training.distributed.fsdp.sharding: node shards within a pod and replicates across "
+    "pods; it needs resources.nodes > 1 and resources.gpus > 1 (else use global)"
 )
 
 
@@ -65,7 +69,18 @@ class Toleration(SpecModel):
 class ResourcesSpec(SpecModel):
     """Where the trainer pod runs and what it gets."""
 
-    gpus: int = Field(default=1, ge=0, le=64, description="nvidia.com/gpu per pod.")
+    gpus: int = Field(
+        default=1,
+        ge=0,
+        le=64,
+        description="nvidia.com/gpu per pod; one worker process per GPU (one per pod on CPU).",
+    )
+    nodes: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Pods of the run (an Indexed Job; several pods train as one group).",
+    )
     gpu_type: str | None = Field(
         default=None,
         max_length=253,
@@ -81,6 +96,16 @@ class ResourcesSpec(SpecModel):
     shm_size: Quantity | None = Field(
         default=None, description="Size of /dev/shm (memory-backed emptyDir); default 8Gi."
     )
+
+    @property
+    def workers_per_pod(self) -> int:
+        """Worker processes in each pod: one per GPU, one on a CPU-only pod."""
+        return max(self.gpus, 1)
+
+    @property
+    def workers(self) -> int:
+        """Worker processes of the whole run (the world size)."""
+        return self.nodes * self.workers_per_pod
 
 
 class SecretKeyRef(SpecModel):
@@ -137,8 +162,16 @@ class FineTuneJobSpec(RunConfig):
     def _check_placement(self) -> FineTuneJobSpec:
         if self.method.quantization is not None and self.resources.gpus == 0:
             raise ValueError(KBIT_NEEDS_GPU)
-        if self.method.quantization is not None and self.resources.gpus > 1:
-            raise ValueError(KBIT_ONE_GPU)
+        distributed = self.training.distributed
+        if distributed.strategy == "fsdp" and self.resources.workers == 1:
+            raise ValueError(FSDP_NEEDS_WORKERS)
+        fsdp = distributed.fsdp
+        if (
+            fsdp is not None
+            and fsdp.sharding == "node"
+            and (self.resources.nodes == 1 or self.resources.gpus <= 1)
+        ):
+            raise ValueError(NODE_SHARDING_NEEDS_GROUP)
         if not self.output.uri.startswith(DURABLE_OUTPUT_SCHEMES):
             raise ValueError(
                 "output.uri: a cluster run needs durable storage: pvc://claim/path, s3://... "
@@ -214,6 +247,14 @@ class ResultStatus(WireModel):
     trained_tokens: int | None = Field(default=None, ge=0)
 
 
+class WorkersStatus(WireModel):
+    """The pods of a run of several workers, and how many processes train."""
+
+    ready: int = Field(ge=0, description="Pods whose trainer is running.")
+    total: int = Field(ge=1, description="Pods of the run (spec.resources.nodes).")
+    world_size: int = Field(ge=1, description="Worker processes over all pods.")
+
+
 class FineTuneJobStatus(WireModel):
     """Observed state of a FineTuneJob, owned by the operator."""
 
@@ -229,6 +270,9 @@ class FineTuneJobStatus(WireModel):
     job_name: str | None = Field(default=None, max_length=253)
     pod_name: str | None = Field(
         default=None, max_length=253, description="The trainer pod of the latest attempt."
+    )
+    workers: WorkersStatus | None = Field(
+        default=None, description="Pods and worker processes, for a run of several workers."
     )
     observed_generation: int | None = Field(default=None, ge=0)
 

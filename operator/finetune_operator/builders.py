@@ -14,8 +14,13 @@ from finetune_trainer.progress import (
     CONFIG_PATH,
     ENV_CONFIG,
     ENV_HF_TOKEN,
+    ENV_MASTER_ADDR,
+    ENV_MASTER_PORT,
+    ENV_NNODES,
+    ENV_NPROC_PER_NODE,
     ENV_PROGRESS_PORT,
     ENV_PVC_ROOT,
+    ENV_SHUTDOWN_TIMEOUT,
     ENV_TERMINATION_PATH,
     PROGRESS_PATH,
     PROGRESS_PORT,
@@ -25,7 +30,7 @@ from finetune_trainer.progress import (
 )
 
 from finetune_operator.api import GROUP, FineTuneJobSpec
-from finetune_operator.names import configmap_name, job_label, job_name
+from finetune_operator.names import configmap_name, job_label, job_name, service_name
 from finetune_operator.policy import Policy, pvc_claim, pvc_uris
 
 Manifest = dict[str, Any]
@@ -41,6 +46,11 @@ CONFIG_KEY = "config.json"
 CONFIG_DIR = CONFIG_PATH.rsplit("/", 1)[0]
 DEFAULT_SHM_SIZE = "8Gi"
 TERMINATION_GRACE_SECONDS = 300
+# The launcher stops its workers this long after the pod's SIGTERM: inside the grace period,
+# with time left to write the termination message and exit.
+SHUTDOWN_TIMEOUT_SECONDS = TERMINATION_GRACE_SECONDS - 30
+RENDEZVOUS_PORT = 29500
+RENDEZVOUS_PORT_NAME = "rendezvous"
 TRAINER_COMMAND = ["python", "-m", "finetune_trainer"]
 RUN_AS_USER = 1000
 
@@ -115,6 +125,31 @@ def _resources(spec: FineTuneJobSpec) -> dict[str, dict[str, str]]:
     return out
 
 
+def master_address(name: str, namespace: str) -> str:
+    """Pod 0's stable DNS name in a several-pod run (Indexed Job hostname + headless Service):
+    where every pod's launcher meets (static rendezvous; global rank 0 runs there)."""
+    return f"{job_name(name)}-0.{service_name(name)}.{namespace}.svc"
+
+
+def _group_env(name: str, namespace: str, spec: FineTuneJobSpec) -> list[dict[str, Any]]:
+    """torchrun's PET_* variables for the launcher (finetune_trainer.launch), when the run has
+    more than one worker; the pod's index comes from the Job controller (JOB_COMPLETION_INDEX)."""
+    res = spec.resources
+    if res.workers == 1:
+        return []
+    env = [
+        {"name": ENV_NPROC_PER_NODE, "value": str(res.workers_per_pod)},
+        {"name": ENV_SHUTDOWN_TIMEOUT, "value": str(SHUTDOWN_TIMEOUT_SECONDS)},
+    ]
+    if res.nodes > 1:
+        env += [
+            {"name": ENV_NNODES, "value": str(res.nodes)},
+            {"name": ENV_MASTER_ADDR, "value": master_address(name, namespace)},
+            {"name": ENV_MASTER_PORT, "value": str(RENDEZVOUS_PORT)},
+        ]
+    return env
+
+
 def _env(spec: FineTuneJobSpec) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [
         {"name": ENV_CONFIG, "value": CONFIG_PATH},
@@ -151,7 +186,7 @@ def _tolerations(spec: FineTuneJobSpec) -> list[dict[str, Any]]:
     return tolerations
 
 
-def build_pod_spec(name: str, spec: FineTuneJobSpec, policy: Policy) -> Manifest:
+def build_pod_spec(name: str, namespace: str, spec: FineTuneJobSpec, policy: Policy) -> Manifest:
     """The trainer pod's spec (inside the Job's template)."""
     mounts: list[dict[str, Any]] = [
         {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
@@ -181,7 +216,7 @@ def build_pod_spec(name: str, spec: FineTuneJobSpec, policy: Policy) -> Manifest
         "image": spec.resources.image or policy.default_image,
         "imagePullPolicy": "IfNotPresent",
         "command": list(TRAINER_COMMAND),
-        "env": _env(spec),
+        "env": _env(spec) + _group_env(name, namespace, spec),
         "ports": [{"name": PROGRESS_PORT_NAME, "containerPort": PROGRESS_PORT, "protocol": "TCP"}],
         "readinessProbe": {
             "httpGet": {"path": PROGRESS_PATH, "port": PROGRESS_PORT_NAME},
@@ -227,7 +262,30 @@ def build_pod_spec(name: str, spec: FineTuneJobSpec, policy: Policy) -> Manifest
         pod["tolerations"] = tolerations
     if spec.priority_class_name:
         pod["priorityClassName"] = spec.priority_class_name
+    if spec.resources.nodes > 1:
+        pod["subdomain"] = service_name(name)  # pods resolve as <Job>-<index>.<Service>
+        container["ports"].append(
+            {"name": RENDEZVOUS_PORT_NAME, "containerPort": RENDEZVOUS_PORT, "protocol": "TCP"}
+        )
     return pod
+
+
+def build_service(name: str, namespace: str, spec: FineTuneJobSpec) -> Manifest | None:
+    """The headless Service of a several-pod run (None for one pod): DNS names for its pods,
+    published before they are ready so the launchers can meet while the trainer starts."""
+    if spec.resources.nodes == 1:
+        return None
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": service_name(name), "namespace": namespace, "labels": labels(name)},
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": {JOB_LABEL: job_label(name)},
+            "ports": [{"name": RENDEZVOUS_PORT_NAME, "port": RENDEZVOUS_PORT, "protocol": "TCP"}],
+        },
+    }
 
 
 def pod_failure_policy() -> Manifest:
@@ -259,21 +317,31 @@ def pod_failure_policy() -> Manifest:
 
 
 def build_job(name: str, namespace: str, spec: FineTuneJobSpec, policy: Policy) -> Manifest:
-    """The batch/v1 Job that runs the trainer (created suspended for Kueue when queued)."""
+    """The batch/v1 Job that runs the trainer (created suspended for Kueue when queued).
+
+    A run of several pods is an Indexed Job (completions = parallelism = nodes): pod i gets
+    JOB_COMPLETION_INDEX=i, which is its node rank. One failure takes the whole group down
+    (the others lose a peer), so each pod's failures count: backoffLimit is per pod of the
+    group (spec.backoffLimit x nodes), and a failed pod is replaced only once it is gone
+    (podReplacementPolicy: Failed), so two pods never share a hostname."""
+    nodes = spec.resources.nodes
     job_labels = labels(name)
     if spec.queue_name:
         job_labels[KUEUE_QUEUE_LABEL] = spec.queue_name
     job_spec: Manifest = {
-        "backoffLimit": spec.backoff_limit,
-        "completions": 1,
-        "parallelism": 1,
+        "backoffLimit": spec.backoff_limit * nodes,
+        "completions": nodes,
+        "parallelism": nodes,
         "suspend": spec.suspend or spec.queue_name is not None,
         "podFailurePolicy": pod_failure_policy(),
         "template": {
             "metadata": {"labels": labels(name)},
-            "spec": build_pod_spec(name, spec, policy),
+            "spec": build_pod_spec(name, namespace, spec, policy),
         },
     }
+    if nodes > 1:
+        job_spec["completionMode"] = "Indexed"
+        job_spec["podReplacementPolicy"] = "Failed"
     if spec.active_deadline_seconds is not None:
         job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
     return {

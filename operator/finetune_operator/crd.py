@@ -24,10 +24,11 @@ from finetune_trainer.config import TrainingSpec
 
 from finetune_operator.api import (
     CATEGORIES,
+    FSDP_NEEDS_WORKERS,
     GROUP,
     KBIT_NEEDS_GPU,
-    KBIT_ONE_GPU,
     KIND,
+    NODE_SHARDING_NEEDS_GROUP,
     PLURAL,
     SHORT_NAMES,
     SINGULAR,
@@ -67,6 +68,17 @@ _KBIT = (
 _VIRTUAL_TOKENS = (
     "has(self.method) && has(self.method.type) && self.method.type in ['prefix', 'prompt']"
 )
+_FSDP = (
+    "has(self.training) && has(self.training.distributed) && "
+    "has(self.training.distributed.strategy) && self.training.distributed.strategy == 'fsdp'"
+)
+_NODE_SHARDING = (
+    "has(self.training) && has(self.training.distributed) && "
+    "has(self.training.distributed.fsdp) && has(self.training.distributed.fsdp.sharding) && "
+    "self.training.distributed.fsdp.sharding == 'node'"
+)
+_NODES = "(has(self.resources) && has(self.resources.nodes) ? self.resources.nodes : 1)"
+_GPUS = "(has(self.resources) && has(self.resources.gpus) ? self.resources.gpus : 1)"
 
 # CEL rules attached to nodes of the spec schema, keyed by property path under spec.
 # They mirror the pydantic cross-field validators (whose messages name the same fields).
@@ -127,10 +139,39 @@ SPEC_RULES: dict[tuple[str, ...], list[dict[str, str]]] = {
             ".resources.gpus",
         ),
         _rule(
-            f"!({_KBIT}) || "
-            "!has(self.resources) || !has(self.resources.gpus) || self.resources.gpus <= 1",
-            f"spec.{KBIT_ONE_GPU}",
-            ".resources.gpus",
+            f"!({_FSDP}) || {_NODES} * ({_GPUS} > 1 ? {_GPUS} : 1) > 1",
+            f"spec.{FSDP_NEEDS_WORKERS}",
+            ".training.distributed.strategy",
+        ),
+        _rule(
+            f"!({_NODE_SHARDING}) || ({_NODES} > 1 && {_GPUS} > 1)",
+            f"spec.{NODE_SHARDING_NEEDS_GROUP}",
+            ".training.distributed.fsdp.sharding",
+        ),
+        _rule(
+            f"!({_FSDP}) || !({_VIRTUAL_TOKENS})",
+            "spec.training.distributed.strategy: prefix and prompt tuning are not sharded by "
+            "FSDP; use ddp",
+            ".training.distributed.strategy",
+        ),
+        _rule(
+            f"!({_FSDP}) || !has(self.method) || !has(self.method.quantization) || "
+            "!has(self.method.quantization.bits) || self.method.quantization.bits != 8",
+            "spec.training.distributed.strategy: FSDP cannot shard an 8-bit base; use 4-bit "
+            "quantization (qlora) or ddp",
+            ".training.distributed.strategy",
+        ),
+        _rule(
+            f"!({_FSDP}) || !has(self.output.mergeAdapter) || !self.output.mergeAdapter",
+            "spec.output.mergeAdapter: an FSDP run's model is sharded and cannot be merged in "
+            "the trainer; merge the adapter afterwards, or use ddp",
+            ".output.mergeAdapter",
+        ),
+        _rule(
+            f"!({_FSDP}) || {_NO_GENERATION_EVAL}",
+            "spec.evaluation.generation: an FSDP run's model is sharded and cannot generate in "
+            "the trainer; use ddp, or evaluate the saved model afterwards",
+            ".evaluation.generation",
         ),
         _rule(
             f"!({_VIRTUAL_TOKENS}) || !has(self.task) || self.task == 'causal-lm'",
@@ -182,6 +223,13 @@ SPEC_RULES: dict[tuple[str, ...], list[dict[str, str]]] = {
             f"(has(self.saveSteps) ? self.saveSteps : {_DEFAULT_SAVE_STEPS}) % self.evalSteps == 0",
             "spec.training.saveSteps: must be a multiple of evalSteps when earlyStopping is set",
             ".saveSteps",
+        )
+    ],
+    ("training", "distributed"): [
+        _rule(
+            "!has(self.fsdp) || !has(self.strategy) || self.strategy != 'ddp'",
+            "spec.training.distributed.fsdp: only used by strategy fsdp (or auto)",
+            ".fsdp",
         )
     ],
     ("method",): [

@@ -239,7 +239,7 @@ class Kube:
 
     # ---- children ---------------------------------------------------------------------------
     async def create_child(self, manifest: Obj) -> Obj:
-        """Create a ConfigMap or a Job from its manifest."""
+        """Create a ConfigMap, a Service or a Job from its manifest."""
         namespace = manifest["metadata"]["namespace"]
         body: Any = manifest  # the client serialises plain dicts as they are
         options: Any = {"_preload_content": False, "_request_timeout": REQUEST_TIMEOUT_SECONDS}
@@ -247,6 +247,10 @@ class Kube:
             case "ConfigMap":
                 return await self._json(
                     self.core.create_namespaced_config_map(namespace, body, **options)
+                )
+            case "Service":
+                return await self._json(
+                    self.core.create_namespaced_service(namespace, body, **options)
                 )
             case "Job":
                 return await self._json(
@@ -256,11 +260,13 @@ class Kube:
                 raise ValueError(f"unsupported kind {kind}")
 
     async def read_child(self, kind: str, namespace: str, name: str) -> Obj | None:
-        """A ConfigMap or Job by name; None when it does not exist."""
+        """A ConfigMap, Service or Job by name; None when it does not exist."""
         call: Awaitable[Any]
         match kind:
             case "ConfigMap":
                 call = self.core.read_namespaced_config_map(name, namespace, _preload_content=False)
+            case "Service":
+                call = self.core.read_namespaced_service(name, namespace, _preload_content=False)
             case "Job":
                 call = self.batch.read_namespaced_job(name, namespace, _preload_content=False)
             case _:

@@ -2,7 +2,7 @@
 
     FINETUNE_DEFAULT_IMAGE            trainer image when spec.resources.image is not set
     FINETUNE_ALLOW_TRUST_REMOTE_CODE  allow spec.model.trustRemoteCode: true (default false)
-    FINETUNE_MAX_GPUS_PER_JOB         upper bound of spec.resources.gpus (default 8)
+    FINETUNE_MAX_GPUS_PER_JOB         upper bound of GPUs per job: gpus x nodes (default 8)
     FINETUNE_ALLOWED_NAMESPACES       comma-separated namespaces allowed to run jobs (empty: all)
     FINETUNE_POLL_INTERVAL_SECONDS    how often a running trainer's /progress is polled (default 5)
 
@@ -83,9 +83,16 @@ def check_policy(spec: FineTuneJobSpec, namespace: str, policy: Policy) -> list[
             "spec.model.trustRemoteCode: running code shipped with a model is disabled by "
             "the platform policy (ask your platform team to set allowTrustRemoteCode)"
         )
-    if spec.resources.gpus > policy.max_gpus_per_job:
+    gpus = spec.resources.gpus * spec.resources.nodes
+    if gpus > policy.max_gpus_per_job:
+        one_pod = spec.resources.nodes == 1
+        field, count = (
+            ("gpus", f"{gpus} GPUs")
+            if one_pod
+            else ("nodes", f"{gpus} GPUs ({spec.resources.nodes} pods x {spec.resources.gpus})")
+        )
         errors.append(
-            f"spec.resources.gpus: {spec.resources.gpus} GPUs exceeds the platform maximum of "
+            f"spec.resources.{field}: {count} exceeds the platform maximum of "
             f"{policy.max_gpus_per_job} per job"
         )
     for path, uri in pvc_uris(spec):

@@ -38,6 +38,8 @@ NAMESPACED_RULES: list[PolicyRule] = [
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
     # ConfigMaps: created, and read back on a 409 (never listed: no cluster-wide ConfigMap reads)
     {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "create"]},
+    # Services: the headless Service of a several-pod run, created and read back on a 409
+    {"apiGroups": [""], "resources": ["services"], "verbs": ["get", "create"]},
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]},
     {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
 ]

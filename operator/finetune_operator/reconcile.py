@@ -27,7 +27,7 @@ import kopf
 
 from finetune_operator import metrics
 from finetune_operator.api import FineTuneJobSpec, FineTuneJobStatus
-from finetune_operator.builders import build_configmap, build_job
+from finetune_operator.builders import build_configmap, build_job, build_service
 from finetune_operator.kube import (
     ApiErrorKind,
     ApiException,
@@ -213,14 +213,17 @@ class Observer:
         return True
 
     async def ensure_children(self, spec: FineTuneJobSpec) -> tuple[Obj, bool]:
-        """ConfigMap then Job (the Job mounts the ConfigMap). Returns (job, created?)."""
+        """ConfigMap (the Job mounts it), the headless Service of a several-pod run (its pods'
+        DNS names), then the Job. Returns (job, created?)."""
         meta = self.body["metadata"]
         namespace, name, uid = meta["namespace"], meta["name"], meta.get("uid")
         policy, kube = self.runtime.policy, self.runtime.kube
-        configmap = build_configmap(name, namespace, spec)
+        service = build_service(name, namespace, spec)
+        children = [build_configmap(name, namespace, spec), *([service] if service else [])]
         job = build_job(name, namespace, spec, policy)
-        kopf.adopt([configmap, job], owner=self.body)
-        await ensure(kube, configmap, uid)
+        kopf.adopt([*children, job], owner=self.body)
+        for child in children:
+            await ensure(kube, child, uid)
         return await ensure(kube, job, uid)
 
     async def step(self) -> tuple[FineTuneJobStatus, bool]:

@@ -31,6 +31,7 @@ from finetune_operator.api import (
     JobPhase,
     ProgressStatus,
     ResultStatus,
+    WorkersStatus,
 )
 from finetune_operator.builders import CONTAINER_NAME
 from finetune_operator.reasons import OPERATOR_FAILURES, Reason
@@ -39,6 +40,7 @@ Obj = dict[str, Any]
 
 MAX_CHECKPOINTS = 20
 TERMINAL_PHASES: tuple[JobPhase, ...] = ("Succeeded", "Failed")
+COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 IMAGE_PULL_REASONS = ("ImagePullBackOff", "ErrImagePull", "InvalidImageName")
 CONFIG_ERROR_REASONS = ("CreateContainerConfigError", "CreateContainerError")
 
@@ -181,13 +183,22 @@ def terminated_state(pod: Obj) -> Obj | None:
     return dict(terminated) if terminated else None
 
 
+def pod_index(pod: Obj) -> int:
+    """A pod's index in its Indexed Job (its node rank), 0 for the pod of a one-pod run."""
+    annotations = pod.get("metadata", {}).get("annotations") or {}
+    value = annotations.get(COMPLETION_INDEX_ANNOTATION, "0")
+    return int(value) if str(value).isdigit() else 0
+
+
+def is_running(pod: Obj) -> bool:
+    """Phase Running and the trainer not terminated."""
+    return pod.get("status", {}).get("phase") == "Running" and terminated_state(pod) is None
+
+
 def running_pod(pods: Iterable[Obj]) -> Obj | None:
-    """The newest pod whose trainer is running (phase Running, trainer not terminated)."""
-    running = [
-        p
-        for p in sort_pods(pods)
-        if p.get("status", {}).get("phase") == "Running" and terminated_state(p) is None
-    ]
+    """The newest pod whose trainer is running and which holds global rank 0 (index 0: it
+    serves /progress)."""
+    running = [p for p in sort_pods(pods) if is_running(p) and pod_index(p) == 0]
     return running[-1] if running else None
 
 
@@ -198,12 +209,29 @@ def pod_summary(pod: Obj) -> Summary | None:
 
 
 def latest_summary(pods: Iterable[Obj]) -> Summary | None:
-    """The Summary of the most recent pod that terminated with one."""
-    for pod in reversed(sort_pods(pods)):
+    """The Summary of the most recent pod that terminated with one; for a success, rank 0's
+    (pod index 0 reports the run's results; the other pods only say they finished)."""
+    ordered = sort_pods(pods)
+    newest = next((s for p in reversed(ordered) if (s := pod_summary(p)) is not None), None)
+    if newest is None or newest.outcome != Outcome.SUCCEEDED:
+        return newest
+    for pod in reversed(ordered):
         summary = pod_summary(pod)
-        if summary is not None:
+        if pod_index(pod) == 0 and summary is not None and summary.outcome == Outcome.SUCCEEDED:
             return summary
-    return None
+    return newest
+
+
+def workers_status(spec: FineTuneJobSpec, pods: Iterable[Obj]) -> WorkersStatus | None:
+    """Ready and total pods of a run of several workers (None for a single worker)."""
+    res = spec.resources
+    if res.workers == 1:
+        return None
+    newest: dict[int, Obj] = {}
+    for pod in sort_pods(pods):
+        newest[pod_index(pod)] = pod
+    ready = sum(1 for p in newest.values() if is_running(p))
+    return WorkersStatus(ready=ready, total=res.nodes, world_size=res.workers)
 
 
 def _has_pod_condition(pod: Obj, type_: str) -> bool:
@@ -331,8 +359,14 @@ class Observation:
         return dict(self.job.get("status") or {})
 
     @property
+    def lead_pods(self) -> list[Obj]:
+        """The pods of index 0, oldest first: one per attempt (every pod for a one-pod run;
+        in a several-pod run each attempt restarts the whole group)."""
+        return [p for p in self.pods if pod_index(p) == 0]
+
+    @property
     def preemptions(self) -> int:
-        return sum(1 for p in self.pods if is_preempted(p))
+        return sum(1 for p in self.lead_pods if is_preempted(p))
 
 
 # (phase, conditions, other status fields) decided by one phase function
@@ -526,10 +560,11 @@ def _job_phase(obs: Observation) -> Callable[[Observation, list[Condition]], Pha
 
 
 def _attempts(obs: Observation) -> dict[str, Any]:
-    """Job name, attempts, latest pod, preemptions and start time."""
+    """Job name, attempts, latest pod (of index 0), preemptions, start time and workers."""
     previous = obs.previous
-    latest_pod = obs.pods[-1]["metadata"]["name"] if obs.pods else None
-    attempts = max(previous.attempts or 0, len(obs.pods))
+    lead = obs.lead_pods
+    latest_pod = lead[-1]["metadata"]["name"] if lead else None
+    attempts = max(previous.attempts or 0, len(lead))
     if latest_pod is not None and latest_pod != previous.pod_name and previous.pod_name:
         attempts = max(attempts, (previous.attempts or 0) + 1)
     return {
@@ -538,6 +573,7 @@ def _attempts(obs: Observation) -> dict[str, Any]:
         "pod_name": latest_pod or previous.pod_name,
         "preemptions": max(previous.preemptions or 0, obs.preemptions) or None,
         "start_time": previous.start_time or _parse_time(obs.job_status.get("startTime")),
+        "workers": workers_status(obs.spec, obs.pods),
     }
 
 

@@ -247,6 +247,9 @@ class Cluster:
     def configmap(self, namespace: str, name: str) -> Obj | None:
         return self._or_none(self.core.read_namespaced_config_map(name, namespace))
 
+    def service(self, namespace: str, name: str) -> Obj | None:
+        return self._or_none(self.core.read_namespaced_service(name, namespace))
+
     def pods(self, namespace: str, label_selector: str) -> list[Obj]:
         listing = self.call(self.core.list_namespaced_pod(namespace, label_selector=label_selector))
         return [self.to_dict(p) for p in listing.items or []]

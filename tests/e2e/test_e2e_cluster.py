@@ -27,7 +27,7 @@ from e2e_kube import (
 )
 from finetune_operator.api import API_VERSION, KIND
 from finetune_operator.builders import CONFIG_HASH_ANNOTATION, CONFIG_KEY, CONTAINER_NAME, JOB_LABEL
-from finetune_operator.names import configmap_name, job_label, job_name
+from finetune_operator.names import configmap_name, job_label, job_name, service_name
 from finetune_trainer.progress import TERMINATION_MESSAGE_PATH
 from kubernetes_asyncio.client.exceptions import ApiException
 
@@ -143,6 +143,50 @@ def test_trainer_pod_is_admitted_under_restricted_pod_security(
     pod = pods[0]["spec"]
     assert pod["automountServiceAccountToken"] is False
     assert pod["securityContext"]["runAsNonRoot"] is True
+
+
+def test_a_run_of_two_pods_is_an_indexed_job_behind_a_headless_service(
+    cluster: Cluster, operator: Operator, namespace: str
+) -> None:
+    """The API server accepts the Indexed Job and the headless Service; the Job controller
+    creates one pod per index with hostname <Job>-<index> under the Service's subdomain and
+    JOB_COMPLETION_INDEX, and the pods carry the launcher's variables."""
+    body = quickstart_body(namespace, "group")
+    body["spec"]["resources"] = {"gpus": 0, "nodes": 2}
+    cluster.create_ftj(namespace, body)
+    job = wait_for(
+        lambda: cluster.job(namespace, job_name("group")), "the group's Job", timeout=CHILD_TIMEOUT
+    )
+    service = cluster.service(namespace, service_name("group"))
+    assert service is not None
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"]
+    uid = (cluster.ftj(namespace, "group") or {})["metadata"]["uid"]
+    assert controller_ref(service)["uid"] == controller_ref(job)["uid"] == uid
+    assert job["spec"]["completionMode"] == "Indexed"
+    assert job["spec"]["completions"] == job["spec"]["parallelism"] == 2
+    template = job["spec"]["template"]["spec"]
+    assert template["subdomain"] == service_name("group")
+    env = {e["name"]: e.get("value") for e in container(job)["env"]}
+    assert env["PET_NNODES"] == "2"
+    assert (
+        env["PET_MASTER_ADDR"] == f"{job_name('group')}-0.{service_name('group')}.{namespace}.svc"
+    )
+
+    def both_pods() -> list[Obj] | None:
+        found = cluster.pods(namespace, f"{JOB_LABEL}={job_label('group')}")
+        return found if len(found) == 2 else None
+
+    pods = wait_for(both_pods, "two pods", timeout=CHILD_TIMEOUT)
+    hostnames = sorted(p["spec"]["hostname"] for p in pods)
+    assert hostnames == [f"{job_name('group')}-0", f"{job_name('group')}-1"]
+    indexes = sorted(
+        p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] for p in pods
+    )
+    assert indexes == ["0", "1"]
+    for pod in pods:  # the Job controller's own variable: the trainer's node rank
+        assert "JOB_COMPLETION_INDEX" in {e["name"] for e in pod["spec"]["containers"][0]["env"]}
+        assert pod["spec"]["subdomain"] == service_name("group")
+    cluster.delete_ftj(namespace, "group")
 
 
 # --------------------------------------------------------------------------------------------

@@ -206,6 +206,11 @@ ADMISSION_CASES: list[tuple[str, list[Callable[[Obj], None]]]] = [
     ("local-output", [_set("spec.output.uri", "outputs/local")]),
     ("lora-on-full", [_set("spec.method", {"type": "full", "lora": {"r": 8}})]),
     ("kbit-two-gpus", [_set("spec.method", {"type": "qlora"}), _set("spec.resources.gpus", 2)]),
+    (
+        "fsdp-one-worker",
+        [_set("spec.training.distributed", {"strategy": "fsdp"}), _set("spec.resources.gpus", 1)],
+    ),
+    ("two-nodes", [_set("spec.resources.nodes", 2)]),
     ("prefix-classification", [_classification_prefix]),
     ("trust-remote-code", [_set("spec.model.trustRemoteCode", True)]),
     ("invalid-claim", [_set("spec.output.uri", "pvc://Bad_Claim/out")]),

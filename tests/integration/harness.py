@@ -16,6 +16,9 @@
   terminationMessagePath) and the Job's status back, applying the Job's own podFailurePolicy,
   backoffLimit, activeDeadlineSeconds and suspend (SIGTERM, pod deleted, Suspended condition).
   `Kubelet.fates` makes a Job's pods unschedulable, stuck pulling the image, or OOM-killed.
+  An Indexed Job gets one pod per index (hostname `<Job>-<index>`, JOB_COMPLETION_INDEX, the
+  index annotation), all on loopback: pod 0's DNS name resolves to 127.0.0.1 and its
+  rendezvous port is one free local port; it succeeds when every index has.
 """
 
 from __future__ import annotations
@@ -41,7 +44,13 @@ import apiserver_rules
 import kmock
 from finetune_operator.api import API_VERSION, KIND, PLURAL
 from finetune_operator.builders import CONTAINER_NAME, PROGRESS_PORT_NAME
-from finetune_trainer.progress import ENV_PROGRESS_PORT
+from finetune_operator.status import COMPLETION_INDEX_ANNOTATION as COMPLETION_INDEX
+from finetune_trainer.progress import (
+    ENV_JOB_COMPLETION_INDEX,
+    ENV_MASTER_ADDR,
+    ENV_MASTER_PORT,
+    ENV_PROGRESS_PORT,
+)
 from kopf.testing import KopfRunner
 from rest import Rest, core_path, custom_path, jobs_path
 
@@ -53,6 +62,7 @@ RESOURCES: dict[str, dict[str, Any]] = {
     "v1/namespaces": {"kind": "Namespace", "namespaced": False},
     "v1/events": {"kind": "Event", "namespaced": True},
     "v1/configmaps": {"kind": "ConfigMap", "namespaced": True},
+    "v1/services": {"kind": "Service", "namespaced": True},
     "v1/secrets": {"kind": "Secret", "namespaced": True},
     "v1/pods": {"kind": "Pod", "namespaced": True, "subresources": ["status", "log"]},
     "batch/v1/jobs": {"kind": "Job", "namespaced": True, "subresources": ["status"]},
@@ -403,6 +413,27 @@ class Cluster:
 
 
 @dataclass
+class Slot:
+    """One index of a Job (the only one of a non-indexed Job): its current pod and process."""
+
+    index: int
+    pod: str | None = None
+    proc: asyncio.subprocess.Process | None = None
+    term_file: Path | None = None
+    log_file: Path | None = None
+    stopping: bool = False
+    succeeded: bool = False
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    @property
+    def exited(self) -> bool:
+        return self.proc is not None and self.proc.returncode is not None and self.pod is not None
+
+
+@dataclass
 class Run:
     """One Job as the Job controller and the kubelet see it."""
 
@@ -412,13 +443,26 @@ class Run:
     started: float | None = None
     failed: int = 0
     attempt: int = 0
-    pod: str | None = None
-    proc: asyncio.subprocess.Process | None = None
-    term_file: Path | None = None
-    log_file: Path | None = None
-    stopping: bool = False
+    slots: dict[int, Slot] = field(default_factory=dict)
+    rendezvous_port: int = 0  # pod 0's PET_MASTER_PORT, on loopback
     deadline_exceeded: bool = False
     done: bool = False
+
+    def slot(self, index: int) -> Slot:
+        return self.slots.setdefault(index, Slot(index))
+
+    @property
+    def running(self) -> list[Slot]:
+        return [s for s in self.slots.values() if s.running]
+
+
+def completions(job: Obj) -> int:
+    """Pods the Job needs to succeed (one per index of an Indexed Job)."""
+    return int(job.get("spec", {}).get("completions") or 1)
+
+
+def indexed(job: Obj) -> bool:
+    return bool(job.get("spec", {}).get("completionMode") == "Indexed")
 
 
 @dataclass
@@ -453,8 +497,8 @@ class Kubelet:
             except Exception as exc:
                 self.errors.append(repr(exc))
         for run in self.runs.values():
-            if run.proc is not None and run.proc.returncode is None:
-                run.proc.kill()
+            for slot in run.running:
+                slot.proc.kill()  # type: ignore[union-attr]
 
     @property
     def api(self) -> Rest:
@@ -468,9 +512,7 @@ class Kubelet:
                 self.errors.append(repr(exc))
             await asyncio.sleep(self.interval)
         for run in self.runs.values():
-            if run.proc is not None and run.proc.returncode is None:
-                run.proc.kill()
-                await run.proc.wait()
+            await self._kill(run)
 
     async def _tick(self) -> None:
         await self._collect_garbage()
@@ -497,9 +539,10 @@ class Kubelet:
                 del self.runs[key]
 
     async def _collect_garbage(self) -> None:
-        """Delete Jobs, ConfigMaps and pods whose owner is gone (the GC's job)."""
+        """Delete Jobs, ConfigMaps, Services and pods whose owner is gone (the GC's job)."""
         owners: set[str] = set()
-        for kind_path in ("/apis/batch/v1/jobs", "/api/v1/configmaps", "/api/v1/pods"):
+        kinds = ("/apis/batch/v1/jobs", "/api/v1/configmaps", "/api/v1/services", "/api/v1/pods")
+        for kind_path in kinds:
             items = (await self.api.get(kind_path)).get("items") or []
             for obj in items:
                 refs = obj["metadata"].get("ownerReferences") or []
@@ -512,6 +555,7 @@ class Kubelet:
                     path = {
                         "/apis/batch/v1/jobs": jobs_path(ns, name),
                         "/api/v1/configmaps": core_path(ns, "configmaps", name),
+                        "/api/v1/services": core_path(ns, "services", name),
                         "/api/v1/pods": core_path(ns, "pods", name),
                     }[kind_path]
                     await self.api.delete(path)
@@ -542,20 +586,26 @@ class Kubelet:
             "lastProbeTime": now_iso(),
         }
 
+    def _signal_all(self, run: Run, sig: int) -> None:
+        for slot in run.running:
+            slot.stopping = True
+            slot.proc.send_signal(sig)  # type: ignore[union-attr]
+
     async def _sync(self, run: Run, job: Obj) -> None:
         if run.done:
             return
         spec = job.get("spec") or {}
         status = job.get("status") or {}
-        running = run.proc is not None and run.proc.returncode is None
-        if run.proc is not None and run.proc.returncode is not None and run.pod:
-            await self._exited(run, job)
-            return
+        for slot in list(run.slots.values()):
+            if slot.exited:
+                await self._exited(run, slot, job)
+                if run.done:
+                    return
         if spec.get("suspend"):
-            if running:
-                run.stopping = True
-                run.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
-                return  # its exit is handled (pod deleted) when it ends
+            if run.running:
+                if not any(s.stopping for s in run.running):
+                    self._signal_all(run, signal.SIGTERM)
+                return  # their exits are handled (pods deleted) when they end
             if not any(c.get("type") == "Suspended" for c in status.get("conditions") or []):
                 await self._job_status(
                     run,
@@ -568,23 +618,26 @@ class Kubelet:
                 )
             return
         deadline = spec.get("activeDeadlineSeconds")
-        if running and deadline and run.started and time.monotonic() - run.started > deadline:
+        if run.running and deadline and run.started and time.monotonic() - run.started > deadline:
             run.deadline_exceeded = True
-            run.stopping = True
-            run.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+            self._signal_all(run, signal.SIGTERM)
             return
-        if running:
+        if any(s.stopping for s in run.running):
             return
         fate = self.fates.get(run.name)
-        if fate is None:
-            await self._start_pod(run, job)
-        elif run.pod is None or fate == "oom":
-            await self._fated_pod(run, job, fate)
+        for index in range(completions(job)):
+            slot = run.slot(index)
+            if slot.succeeded or slot.running:
+                continue
+            if fate is None:
+                await self._start_pod(run, slot, job)
+            elif slot.pod is None or fate == "oom":
+                await self._fated_pod(run, slot, job, fate)
 
-    async def _fated_pod(self, run: Run, job: Obj, fate: str) -> None:
+    async def _fated_pod(self, run: Run, slot: Slot, job: Obj, fate: str) -> None:
         """A pod that never runs the trainer: stuck Pending, or OOM-killed (counted by the
         Job controller against backoffLimit)."""
-        pod_name = await self._create_pod(run, job, dict(job["spec"]["template"]["spec"]))
+        pod_name = await self._create_pod(run, slot, job, dict(job["spec"]["template"]["spec"]))
         await self.api.patch(
             core_path(run.namespace, "pods", pod_name), {"status": POD_FATES[fate]}
         )
@@ -592,8 +645,9 @@ class Kubelet:
             await self._pod_failed(run, int(job["spec"].get("backoffLimit", 6)))
 
     async def _fail_job(self, run: Run, failed: int, reason: str, message: str) -> None:
-        """The Job controller's final Failed condition."""
+        """The Job controller's final Failed condition (the pods still running are killed)."""
         run.done = True
+        await self._kill(run)
         await self._job_status(
             run,
             {
@@ -614,9 +668,9 @@ class Kubelet:
                 "Job has reached the specified backoff limit",
             )
         else:
-            await self._job_status(run, {"active": 0, "failed": run.failed})
+            await self._job_status(run, {"active": len(run.running), "failed": run.failed})
 
-    async def _start_pod(self, run: Run, job: Obj) -> None:
+    async def _start_pod(self, run: Run, slot: Slot, job: Obj) -> None:
         template = job["spec"]["template"]
         pod_spec = dict(template["spec"])
         container = dict(pod_spec["containers"][0])
@@ -626,26 +680,30 @@ class Kubelet:
             for p in container.get("ports") or []
         ]
         pod_spec["containers"] = [container, *pod_spec["containers"][1:]]
-        pod_name = await self._create_pod(run, job, pod_spec)
+        if indexed(job):
+            pod_spec["hostname"] = f"{run.name}-{slot.index}"  # as the Job controller does
+        pod_name = await self._create_pod(run, slot, job, pod_spec)
         if run.started is None:
             run.started = time.monotonic()
             await self._job_status(run, {"startTime": now_iso(), "active": 1})
         else:
-            await self._job_status(run, {"active": 1, "conditions": []})
+            await self._job_status(run, {"active": len(run.running) + 1, "conditions": []})
 
         work = self.tmp / f"{run.namespace}-{pod_name}"
         root = work / "root"
         await self._mount(run, pod_spec, container, root)
         env = await self._env(run, container, root)
         env[ENV_PROGRESS_PORT] = str(port)  # the port's number changed with the containerPort
+        if indexed(job):
+            env.update(self._group_env(run, slot))
         command = list(self.command or container["command"])
         if command[0] == "python":
             command[0] = sys.executable
-        run.term_file = in_root(root, container["terminationMessagePath"])
-        run.term_file.parent.mkdir(parents=True, exist_ok=True)
-        run.log_file = work / "log.txt"
-        with run.log_file.open("wb") as log:
-            run.proc = await asyncio.create_subprocess_exec(
+        slot.term_file = in_root(root, container["terminationMessagePath"])
+        slot.term_file.parent.mkdir(parents=True, exist_ok=True)
+        slot.log_file = work / "log.txt"
+        with slot.log_file.open("wb") as log:
+            slot.proc = await asyncio.create_subprocess_exec(
                 *command, env=env, cwd=str(REPO_ROOT), stdout=log, stderr=log
             )
         await self.api.patch(
@@ -668,11 +726,24 @@ class Kubelet:
             },
         )
 
-    async def _create_pod(self, run: Run, job: Obj, pod_spec: Obj) -> str:
+    def _group_env(self, run: Run, slot: Slot) -> dict[str, str]:
+        """An Indexed Job's pod: its index from the Job controller, and pod 0's DNS name as
+        cluster DNS would resolve it: every pod here is on loopback, so pod 0's rendezvous
+        port is one free port of this machine, the same for every pod of the Job."""
+        if not run.rendezvous_port or not any(s.running for s in run.slots.values()):
+            run.rendezvous_port = free_port()  # a new group: a fresh port
+        return {
+            ENV_JOB_COMPLETION_INDEX: str(slot.index),
+            ENV_MASTER_ADDR: "127.0.0.1",
+            ENV_MASTER_PORT: str(run.rendezvous_port),
+        }
+
+    async def _create_pod(self, run: Run, slot: Slot, job: Obj, pod_spec: Obj) -> str:
         """Create the Job's next pod (Pending) as the Job controller would; its name."""
         template = job["spec"]["template"]
         run.attempt += 1
-        pod_name = f"{run.name}-{secrets.token_hex(3)}"
+        prefix = f"{run.name}-{slot.index}" if indexed(job) else run.name
+        pod_name = f"{prefix}-{secrets.token_hex(3)}"
         labels = {
             **(template.get("metadata", {}).get("labels") or {}),
             "job-name": run.name,
@@ -680,6 +751,10 @@ class Kubelet:
             "batch.kubernetes.io/job-name": run.name,
             "batch.kubernetes.io/controller-uid": run.uid,
         }
+        annotations = {}
+        if indexed(job):
+            annotations[COMPLETION_INDEX] = str(slot.index)
+            labels[COMPLETION_INDEX] = str(slot.index)
         await self.api.create(
             core_path(run.namespace, "pods"),
             {
@@ -691,6 +766,7 @@ class Kubelet:
                     "uid": str(uuid.uuid4()),
                     "creationTimestamp": now_iso(),
                     "labels": labels,
+                    "annotations": annotations,
                     "ownerReferences": [
                         {
                             "apiVersion": "batch/v1",
@@ -705,7 +781,7 @@ class Kubelet:
                 "status": {"phase": "Pending"},
             },
         )
-        run.pod = pod_name
+        slot.pod = pod_name
         return pod_name
 
     async def _mount(self, run: Run, pod_spec: Obj, container: Obj, root: Path) -> None:
@@ -731,7 +807,7 @@ class Kubelet:
 
     async def _env(self, run: Run, container: Obj, root: Path) -> dict[str, str]:
         """The container's environment; absolute paths point into its file system at `root`."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith("FINETUNE_")}
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("FINETUNE_", "PET_"))}
         for item in container.get("env") or []:
             if "value" in item:
                 value = item["value"]
@@ -745,19 +821,19 @@ class Kubelet:
         return {**env, "HF_HUB_OFFLINE": "1", **self.env}
 
     async def _kill(self, run: Run) -> None:
-        if run.proc is not None and run.proc.returncode is None:
-            run.proc.kill()
-            await run.proc.wait()
+        for slot in run.running:
+            slot.proc.kill()  # type: ignore[union-attr]
+            await slot.proc.wait()  # type: ignore[union-attr]
 
-    async def _exited(self, run: Run, job: Obj) -> None:
-        assert run.proc is not None and run.pod is not None
-        code = run.proc.returncode or 0
+    async def _exited(self, run: Run, slot: Slot, job: Obj) -> None:
+        assert slot.proc is not None and slot.pod is not None
+        code = slot.proc.returncode or 0
         message = ""
-        if run.term_file is not None and run.term_file.exists():
-            message = run.term_file.read_text()
-        if not message and code != 0 and run.log_file is not None and run.log_file.exists():
-            message = run.log_file.read_text()[-2048:]  # FallbackToLogsOnError
-        pod_path = core_path(run.namespace, "pods", run.pod)
+        if slot.term_file is not None and slot.term_file.exists():
+            message = slot.term_file.read_text()
+        if not message and code != 0 and slot.log_file is not None and slot.log_file.exists():
+            message = slot.log_file.read_text()[-2048:]  # FallbackToLogsOnError
+        pod_path = core_path(run.namespace, "pods", slot.pod)
         terminated = {
             "exitCode": code,
             "reason": "Completed" if code == 0 else "Error",
@@ -766,7 +842,8 @@ class Kubelet:
             "finishedAt": now_iso(),
         }
         pod_conditions = [{"type": "PodScheduled", "status": "True"}]
-        if run.stopping and not run.deadline_exceeded:
+        stopping = slot.stopping
+        if stopping and not run.deadline_exceeded:
             pod_conditions.append(
                 {"type": "DisruptionTarget", "status": "True", "reason": "JobSuspended"}
             )
@@ -787,41 +864,44 @@ class Kubelet:
                 }
             },
         )
-        run.proc = None
+        slot.proc = None
+        slot.stopping = False
         backoff = int(job["spec"].get("backoffLimit", 6))
         action, rule = failure_policy_action(job, code)
         if run.deadline_exceeded:
-            await self._fail_job(
-                run,
-                run.failed + 1,
-                "DeadlineExceeded",
-                "Job was active longer than specified deadline",
-            )
-        elif run.stopping:  # suspended: the Job controller deletes the pod; not a failure
-            run.stopping = False
+            if not run.running:
+                await self._fail_job(
+                    run,
+                    run.failed + 1,
+                    "DeadlineExceeded",
+                    "Job was active longer than specified deadline",
+                )
+        elif stopping:  # suspended: the Job controller deletes the pod; not a failure
             await self.api.delete(pod_path)
-            run.pod = None
+            slot.pod = None
         elif code == 0:
-            run.done = True
-            await self._job_status(
-                run,
-                {
-                    "active": 0,
-                    "succeeded": 1,
-                    "completionTime": now_iso(),
-                    "conditions": [self._cond("Complete", reason="CompletionsReached")],
-                },
-            )
+            slot.succeeded = True
+            if all(run.slot(i).succeeded for i in range(completions(job))):
+                run.done = True
+                await self._job_status(
+                    run,
+                    {
+                        "active": 0,
+                        "succeeded": completions(job),
+                        "completionTime": now_iso(),
+                        "conditions": [self._cond("Complete", reason="CompletionsReached")],
+                    },
+                )
         elif action == "FailJob":
             await self._fail_job(
                 run,
                 run.failed + 1,
                 "PodFailurePolicy",
-                f"Container trainer for pod {run.namespace}/{run.pod} failed "
+                f"Container trainer for pod {run.namespace}/{slot.pod} failed "
                 f"with exit code {code} matching FailJob rule at index {rule}",
             )
         elif action == "Ignore":  # a new pod, not counted against backoffLimit
-            await self._job_status(run, {"active": 0})
+            await self._job_status(run, {"active": len(run.running)})
         else:
             await self._pod_failed(run, backoff)
 

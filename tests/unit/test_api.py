@@ -200,12 +200,29 @@ def test_invalid_spec_field_is_named(path: str, value: Any, expected: str) -> No
     [{"type": "qlora"}, {"type": "lora", "quantization": {"bits": 4}}],
     ids=["qlora", "lora-quantized"],
 )
-def test_kbit_training_asks_for_one_gpu(method: dict[str, Any]) -> None:
-    """transformers does not DataParallel a quantized model: a second GPU would sit idle."""
-    errors = spec_errors(with_(with_(SPEC, "method", method), "resources.gpus", 2))
-    assert len(errors) == 1
-    assert errors[0].startswith("spec.resources.gpus: k-bit (qlora) training runs on one GPU")
-    parse_spec(with_(with_(SPEC, "method", method), "resources.gpus", 1))
+def test_kbit_training_runs_one_worker_per_gpu(method: dict[str, Any]) -> None:
+    """Each DDP worker loads its own quantized base on its own GPU: several GPUs are fine."""
+    spec = parse_spec(with_(with_(SPEC, "method", method), "resources", {"gpus": 8, "nodes": 2}))
+    assert (spec.resources.workers, spec.resources.workers_per_pod) == (16, 8)
+
+
+def test_fsdp_needs_more_than_one_worker() -> None:
+    fsdp = with_(SPEC, "training.distributed", {"strategy": "fsdp"})
+    assert spec_errors(with_(fsdp, "resources.gpus", 1)) == [
+        "spec.training.distributed.strategy: fsdp shards over several workers; set "
+        "resources.gpus or resources.nodes so the run has more than one (or use ddp / auto)"
+    ]
+    assert parse_spec(with_(fsdp, "resources", {"gpus": 0, "nodes": 2})).resources.workers == 2
+
+
+def test_gpus_over_all_nodes_count_against_the_platform_maximum() -> None:
+    from finetune_operator.policy import Policy, check_policy
+
+    spec = parse_spec(with_(SPEC, "resources", {"gpus": 8, "nodes": 2}))
+    assert check_policy(spec, "default", Policy(max_gpus_per_job=16)) == []
+    assert check_policy(spec, "default", Policy(max_gpus_per_job=8)) == [
+        "spec.resources.nodes: 16 GPUs (2 pods x 8) exceeds the platform maximum of 8 per job"
+    ]
 
 
 def test_unknown_spec_field_suggests_the_closest_one() -> None:

@@ -7,7 +7,13 @@ from typing import Any
 
 import pytest
 from finetune_operator.api import parse_spec
-from finetune_operator.builders import build_configmap, build_job, config_hash, pvc_volume_name
+from finetune_operator.builders import (
+    build_configmap,
+    build_job,
+    build_service,
+    config_hash,
+    pvc_volume_name,
+)
 from finetune_operator.policy import Policy, check_policy
 
 POLICY = Policy(default_image="registry.local/trainer:1")
@@ -173,10 +179,15 @@ def test_gpu_job() -> None:
     assert build_job("ft", "ns", spec, POLICY) == expected_job(
         spec,
         container={
+            "env": [
+                *ENV,  # two GPUs: the launcher starts one worker per GPU
+                {"name": "PET_NPROC_PER_NODE", "value": "2"},
+                {"name": "FINETUNE_SHUTDOWN_TIMEOUT_SECONDS", "value": "270"},
+            ],
             "resources": {
                 "requests": {"cpu": "8", "memory": "64Gi", "nvidia.com/gpu": "2"},
                 "limits": {"cpu": "8", "memory": "64Gi", "nvidia.com/gpu": "2"},
-            }
+            },
         },
         pod={
             "volumes": volumes,
@@ -189,6 +200,54 @@ def test_gpu_job() -> None:
         },
         job={"backoffLimit": 5, "activeDeadlineSeconds": 7200},
     )
+
+
+def test_a_run_of_several_pods_is_an_indexed_job_behind_a_headless_service() -> None:
+    spec = make(resources={"gpus": 8, "nodes": 2}, backoffLimit=2)
+    gpus = {"nvidia.com/gpu": "8"}
+    assert build_job("ft", "ns", spec, POLICY) == expected_job(
+        spec,
+        container={
+            "env": [
+                *ENV,
+                {"name": "PET_NPROC_PER_NODE", "value": "8"},
+                {"name": "FINETUNE_SHUTDOWN_TIMEOUT_SECONDS", "value": "270"},
+                {"name": "PET_NNODES", "value": "2"},
+                {"name": "PET_MASTER_ADDR", "value": "ft-0.ftj-ft.ns.svc"},
+                {"name": "PET_MASTER_PORT", "value": "29500"},
+            ],
+            "ports": [
+                {"name": "progress", "containerPort": 8080, "protocol": "TCP"},
+                {"name": "rendezvous", "containerPort": 29500, "protocol": "TCP"},
+            ],
+            "resources": {"requests": gpus, "limits": gpus},
+        },
+        pod={
+            "subdomain": "ftj-ft",
+            "tolerations": [
+                {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+            ],
+        },
+        job={
+            "backoffLimit": 4,  # per pod of the group: one failure takes every pod down
+            "completions": 2,
+            "parallelism": 2,
+            "completionMode": "Indexed",
+            "podReplacementPolicy": "Failed",
+        },
+    )
+    assert build_service("ft", "ns", spec) == {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "ftj-ft", "namespace": "ns", "labels": LABELS},
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": {"finetune.dev/job": "ft"},
+            "ports": [{"name": "rendezvous", "port": 29500, "protocol": "TCP"}],
+        },
+    }
+    assert build_service("ft", "ns", make(resources={"gpus": 8})) is None
 
 
 def test_cpu_job_has_no_gpu_resources_or_toleration() -> None:
@@ -353,3 +412,13 @@ def test_policy_from_env() -> None:
         poll_interval_seconds=2.5,
     )
     assert Policy.from_env({}) == Policy()
+
+
+def test_kueue_admits_a_group_as_one_suspended_indexed_job() -> None:
+    """Kueue's batch/Job integration admits the Job as one workload of `parallelism` pods:
+    all of the group's pods, or none."""
+    job = build_job("ft", "ns", make(resources={"gpus": 8, "nodes": 4}, queueName="team-a"), POLICY)
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    assert job["spec"]["suspend"] is True
+    assert (job["spec"]["parallelism"], job["spec"]["completions"]) == (4, 4)
+    assert job["spec"]["completionMode"] == "Indexed"

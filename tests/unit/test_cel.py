@@ -86,14 +86,14 @@ CASES: list[tuple[str, str, str, dict[str, Any], dict[str, Any]]] = [
     ),
     (
         "merge-needs-adapter",
-        "spec.output.mergeAdapter",
+        "spec.output.mergeAdapter: only lora",
         ".spec.output.mergeAdapter",
         spec_with(method={"type": "ia3"}, output={"uri": "s3://b/o", "mergeAdapter": True}),
         spec_with(method={"type": "full"}, output={"uri": "s3://b/o", "mergeAdapter": True}),
     ),
     (
         "merge-prefix",
-        "spec.output.mergeAdapter",
+        "spec.output.mergeAdapter: only lora",
         ".spec.output.mergeAdapter",
         spec_with(method={"type": "prefix"}, output={"uri": "s3://b/o", "mergeAdapter": False}),
         spec_with(method={"type": "prefix"}, output={"uri": "s3://b/o", "mergeAdapter": True}),
@@ -209,18 +209,86 @@ CASES: list[tuple[str, str, str, dict[str, Any], dict[str, Any]]] = [
         spec_with(evaluation={"generation": {}}),
     ),
     (
-        "qlora-one-gpu",
-        "k-bit (qlora) training runs on one GPU per pod",
-        ".spec.resources.gpus",
-        spec_with(method={"type": "lora"}, resources={"gpus": 4}),
-        spec_with(method={"type": "qlora"}, resources={"gpus": 2}),
+        "fsdp-needs-workers",
+        "fsdp shards over several workers",
+        ".spec.training.distributed.strategy",
+        spec_with(
+            training={"distributed": {"strategy": "fsdp"}}, resources={"nodes": 2, "gpus": 0}
+        ),
+        spec_with(training={"distributed": {"strategy": "fsdp"}}, resources={"gpus": 1}),
     ),
     (
-        "lora-quantized-one-gpu",
-        "k-bit (qlora) training runs on one GPU per pod",
-        ".spec.resources.gpus",
-        spec_with(method={"type": "qlora"}),
-        spec_with(method={"type": "lora", "quantization": {"bits": 8}}, resources={"gpus": 2}),
+        "node-sharding-needs-a-group",
+        "sharding: node shards within a pod",
+        ".spec.training.distributed.fsdp.sharding",
+        spec_with(
+            training={"distributed": {"strategy": "fsdp", "fsdp": {"sharding": "node"}}},
+            resources={"nodes": 2, "gpus": 8},
+        ),
+        spec_with(
+            training={"distributed": {"fsdp": {"sharding": "node"}}},
+            resources={"nodes": 1, "gpus": 8},
+        ),
+    ),
+    (
+        "fsdp-not-for-virtual-tokens",
+        "prefix and prompt tuning are not sharded by FSDP",
+        ".spec.training.distributed.strategy",
+        spec_with(method={"type": "prompt"}, resources={"gpus": 2}),
+        spec_with(
+            method={"type": "prefix"},
+            training={"distributed": {"strategy": "fsdp"}},
+            resources={"gpus": 2},
+        ),
+    ),
+    (
+        "fsdp-not-for-8-bit",
+        "FSDP cannot shard an 8-bit base",
+        ".spec.training.distributed.strategy",
+        spec_with(
+            method={"type": "qlora"},
+            training={"distributed": {"strategy": "fsdp"}},
+            resources={"gpus": 2},
+        ),
+        spec_with(
+            method={"type": "lora", "quantization": {"bits": 8}},
+            training={"distributed": {"strategy": "fsdp"}},
+            resources={"gpus": 2},
+        ),
+    ),
+    (
+        "fsdp-no-merge",
+        "an FSDP run's model is sharded and cannot be merged",
+        ".spec.output.mergeAdapter",
+        spec_with(output={"uri": "s3://b/o", "mergeAdapter": True}, resources={"gpus": 2}),
+        spec_with(
+            output={"uri": "s3://b/o", "mergeAdapter": True},
+            training={"distributed": {"strategy": "fsdp"}},
+            resources={"gpus": 2},
+        ),
+    ),
+    (
+        "fsdp-no-generation-eval",
+        "an FSDP run's model is sharded and cannot generate",
+        ".spec.evaluation.generation",
+        spec_with(
+            dataset={"source": "s3://b/t", "validation": {"splitRatio": 0.1}},
+            evaluation={"generation": {}},
+            resources={"gpus": 2},
+        ),
+        spec_with(
+            dataset={"source": "s3://b/t", "validation": {"splitRatio": 0.1}},
+            evaluation={"generation": {}},
+            training={"distributed": {"strategy": "fsdp"}},
+            resources={"gpus": 2},
+        ),
+    ),
+    (
+        "fsdp-settings-need-fsdp",
+        "fsdp: only used by strategy fsdp",
+        ".spec.training.distributed.fsdp",
+        spec_with(training={"distributed": {"fsdp": {"cpuOffload": True}}}, resources={"gpus": 2}),
+        spec_with(training={"distributed": {"strategy": "ddp", "fsdp": {}}}, resources={"gpus": 2}),
     ),
     (
         "durable-output",

@@ -14,8 +14,14 @@ from typing import Any
 
 import kubernetes_validate
 from finetune_operator.api import parse_spec
-from finetune_operator.builders import JOB_LABEL, build_configmap, build_job
-from finetune_operator.names import bounded_name, configmap_name, job_label, job_name
+from finetune_operator.builders import JOB_LABEL, build_configmap, build_job, build_service
+from finetune_operator.names import (
+    bounded_name,
+    configmap_name,
+    job_label,
+    job_name,
+    service_name,
+)
 from finetune_operator.policy import Policy
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -67,7 +73,7 @@ def _spec(claims: list[str]) -> Any:
                 "mix": [{"source": f"pvc://{mix}/general.jsonl", "fraction": 0.1}],
             },
             "output": {"uri": f"pvc://{out}/run"},
-            "resources": {"gpus": 1, "nodeSelector": {"pool": "a100"}},
+            "resources": {"gpus": 8, "nodes": 64, "nodeSelector": {"pool": "a100"}},
             "queueName": "team-a",
         }
     )
@@ -80,19 +86,27 @@ def test_children_of_any_valid_name_pass_the_api_servers_rules(
 ) -> None:
     assert rules.problems({"kind": "FineTuneJob", "metadata": {"name": name}}) == []
     spec = _spec(claims)
-    for child in (build_configmap(name, "ns", spec), build_job(name, "ns", spec, Policy())):
+    service = build_service(name, "ns", spec)
+    assert service is not None
+    job = build_job(name, "ns", spec, Policy())
+    for child in (build_configmap(name, "ns", spec), service, job):
         assert rules.problems(child) == [], child["metadata"]["name"]
         kubernetes_validate.validate(child, K8S_VERSION, strict=True)
-    job = build_job(name, "ns", spec, Policy())
     assert job["metadata"]["labels"][JOB_LABEL] == job["metadata"]["name"] == job_name(name)
+    # the Job controller names pod i of an Indexed Job <Job>-<i>: a DNS label too
+    last_pod = f"{job['metadata']['name']}-{spec.resources.nodes - 1}"
+    assert len(last_pod) <= 63 and rules.DNS1123_LABEL.match(last_pod), last_pod
+    # the Service is a DNS-1035 label: a letter first, no dots
+    assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", service_name(name)), service_name(name)
+    assert len(service_name(name)) <= 63
 
 
 @given(name=any_name)
 def test_names_are_deterministic_and_short_names_unchanged(name: str) -> None:
     assert job_name(name) == job_name(name) and configmap_name(name) == configmap_name(name)
-    assert len(job_name(name)) <= 63 and len(configmap_name(name)) <= 253
+    assert len(job_name(name)) <= 60 and len(configmap_name(name)) <= 253
     assert job_label(name) == job_name(name)
-    if len(name) <= 63:
+    if len(name) <= 60 and "." not in name:
         assert job_name(name) == name
     if len(name) <= 246:
         assert configmap_name(name) == f"{name}-config"
@@ -103,13 +117,14 @@ def test_different_names_get_different_children(a: str, b: str) -> None:
     if a != b:
         assert job_name(a) != job_name(b)
         assert configmap_name(a) != configmap_name(b)
+        assert service_name(a) != service_name(b)
 
 
 def test_a_shortened_name_keeps_a_readable_prefix_and_a_hash() -> None:
     name = "support-bot-" + "x" * 100
     short = job_name(name)
-    assert len(short) == 63
-    assert re.fullmatch(r"support-bot-x{42}-[0-9a-f]{8}", short), short
+    assert len(short) == 60
+    assert re.fullmatch(r"support-bot-x{39}-[0-9a-f]{8}", short), short
     # the prefix never ends in '-' or '.', whatever the cut hits
     assert bounded_name("a" * 53 + "-.b" * 10, 63).split("-")[-2] == "a" * 53
 

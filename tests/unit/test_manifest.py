@@ -170,7 +170,15 @@ def _manifest(tmp_path: Path, edit: dict[str, Any], top: dict[str, Any] | None =
     [
         ({"bogus": 1}, None, "spec.bogus: unknown field"),
         ({"resources.bogus": 1}, None, "spec.resources.bogus: unknown field"),
-        ({"method": {"type": "qlora"}, "resources.gpus": 2}, None, "spec.resources.gpus: k-bit"),
+        (
+            {
+                "method": {"type": "qlora"},
+                "resources.gpus": 1,
+                "training": {"distributed": {"strategy": "fsdp"}},
+            },
+            None,
+            "spec.training.distributed.strategy: fsdp",
+        ),
         (
             {"method": {"type": "lora", "quantization": {"bits": 8}}, "resources.gpus": 0},
             None,

@@ -17,6 +17,7 @@ from finetune_operator.status import (
     failed_status,
     format_eta,
     get_condition,
+    latest_summary,
     merge_checkpoints,
     merge_patch,
     phase_event,
@@ -24,6 +25,7 @@ from finetune_operator.status import (
     set_condition,
     status_dict,
     status_patch,
+    workers_status,
 )
 from finetune_trainer.progress import CheckpointInfo, Outcome, Phase, Progress, Summary
 
@@ -604,3 +606,60 @@ def test_operator_failures_stay_failed(reason: str) -> None:
     failed = failed_status(FineTuneJobStatus(), reason, "refused", T0, 1)
     again = derive_status(SPEC, job(active=1), [pod()], PROGRESS, None, failed, T1, 1)
     assert again == failed and again.phase == "Failed"
+
+
+# --------------------------------------------------------------------------------------------
+# a run of several pods (Indexed Job)
+# --------------------------------------------------------------------------------------------
+GROUP_SPEC = parse_spec(
+    {
+        "model": {"source": "hf://Qwen/Qwen2.5-0.5B"},
+        "dataset": {"source": "s3://b/train.jsonl"},
+        "output": {"uri": "s3://b/out"},
+        "resources": {"gpus": 8, "nodes": 2},
+    }
+)
+
+
+def indexed(index: int, **kw: Any) -> dict[str, Any]:
+    found = pod(f"ft-{index}-x", **kw)
+    found["metadata"]["annotations"] = {"batch.kubernetes.io/job-completion-index": str(index)}
+    return found
+
+
+def test_progress_is_read_from_the_pod_of_index_zero() -> None:
+    zero, one = indexed(0), indexed(1, created="2026-01-01T12:00:05Z")
+    assert running_pod([zero, one]) is zero
+    assert running_pod([indexed(0, phase="Pending"), one]) is None  # rank 0 serves /progress
+
+
+def test_a_groups_success_reports_rank_zeros_results() -> None:
+    import json
+
+    def done(index: int, result: Summary, created: str) -> dict[str, Any]:
+        terminated = {
+            "exitCode": 0,
+            "message": json.dumps(result.model_dump(by_alias=True, mode="json")),
+        }
+        return indexed(index, phase="Succeeded", terminated=terminated, created=created)
+
+    rank0 = summary(Outcome.SUCCEEDED, adapter_uri="s3://b/out/adapter")
+    node1 = summary(
+        Outcome.SUCCEEDED, message="node 1: ranks 8-15 finished; rank 0 reports the run"
+    )
+    pods = [done(0, rank0, "2026-01-01T12:00:00Z"), done(1, node1, "2026-01-01T12:00:09Z")]
+    assert latest_summary(pods) == rank0
+    failed = summary(Outcome.FAILED, reason="WorkerFailed", message="rank 9: killed by SIGKILL")
+    pods.append(done(1, failed, "2026-01-01T12:00:10Z"))
+    assert latest_summary(pods) == failed  # a failure is the newest word, whichever pod said it
+
+
+def test_workers_count_the_running_pods_of_the_latest_attempt() -> None:
+    retried = indexed(1, phase="Failed", terminated={"exitCode": 1})
+    pods = [indexed(0), retried, indexed(1, created="2026-01-01T12:01:00Z")]
+    found = workers_status(GROUP_SPEC, pods)
+    assert found is not None and (found.ready, found.total, found.world_size) == (2, 2, 16)
+    assert workers_status(SPEC, [pod()]) is None  # one worker: nothing to report
+    status = derive_status(GROUP_SPEC, job(), pods, None, None, FineTuneJobStatus(), T1)
+    assert status.workers == found
+    assert status.attempts == 1  # one attempt of the group, however many pods it had

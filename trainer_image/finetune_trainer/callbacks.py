@@ -12,6 +12,7 @@ from typing import Any
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from finetune_trainer.checkpoints import CheckpointStore, latest_eval
+from finetune_trainer.distributed import Rank, agree, barrier
 from finetune_trainer.history import History
 from finetune_trainer.lock import OutputLock
 from finetune_trainer.progress import Phase
@@ -30,8 +31,12 @@ class PreemptionFlag:
     def __init__(self) -> None:
         self.event = threading.Event()
 
-    def install(self) -> None:
-        """Handle SIGTERM (and SIGINT) by asking the training loop to save and stop."""
+    def install(self, worker: bool = False) -> None:
+        """Handle SIGTERM and SIGINT by asking the training loop to save and stop.
+
+        A `worker` under the launcher handles SIGINT only: the launcher turns the pod's SIGTERM
+        into SIGINT for every worker, and sends SIGTERM itself only to stop the survivors of a
+        failed worker, which must then exit at once instead of waiting on a collective."""
 
         def handler(signum: int, frame: FrameType | None) -> None:
             if not self.event.is_set():
@@ -40,7 +45,8 @@ class PreemptionFlag:
                 )
             self.event.set()
 
-        signal.signal(signal.SIGTERM, handler)
+        if not worker:
+            signal.signal(signal.SIGTERM, handler)
         signal.signal(signal.SIGINT, handler)
 
     @property
@@ -48,15 +54,28 @@ class PreemptionFlag:
         """Whether a stop was requested."""
         return self.event.is_set()
 
+    def agreed(self) -> bool:
+        """Whether a stop was requested on any rank (each rank of a run must ask together);
+        if so, it now counts as requested on this rank too."""
+        if agree(self.event.is_set()):
+            self.event.set()
+        return self.event.is_set()
+
     def check(self) -> None:
-        """Raise StopRequestedError if a stop was requested (for work before training)."""
-        if self.event.is_set():
+        """Raise StopRequestedError if a stop was requested on any rank (for work before
+        training; every rank of a run calls it at the same points)."""
+        if self.agreed():
             raise StopRequestedError
 
 
 class RunCallback(TrainerCallback):  # type: ignore[misc]
     """Mirrors the Trainer's state into the tracker and history, marks checkpoints complete,
-    and turns a preemption notice into "save now, then stop" (before training: "stop now")."""
+    and turns a preemption notice into "save now, then stop" (before training: "stop now").
+
+    In a run of several workers every rank has one; rank 0 alone writes the history and the
+    checkpoint markers (and holds the output `lock`: None on the other ranks), a marker only
+    once every rank has written its part, and a stop notice on any rank stops every rank at
+    the same step."""
 
     def __init__(
         self,
@@ -64,13 +83,15 @@ class RunCallback(TrainerCallback):  # type: ignore[misc]
         store: CheckpointStore,
         history: History,
         preemption: PreemptionFlag,
-        lock: OutputLock,
+        lock: OutputLock | None,
+        rank: Rank | None = None,
     ) -> None:
         self.tracker = tracker
         self.store = store
         self.history = history
         self.preemption = preemption
         self.lock = lock
+        self.rank = rank or Rank()
         self.started = False  # training started in this process
         self.training = False  # between the start and the end of train()
         self._start_time = 0.0
@@ -97,7 +118,8 @@ class RunCallback(TrainerCallback):  # type: ignore[misc]
         self._start_time = time.monotonic()
         self._start_step = state.global_step
         self._start_tokens = state.num_input_tokens_seen
-        self.history.restart(state.log_history)
+        if self.rank.is_main:
+            self.history.restart(state.log_history)
         resumed = f"resumed from checkpoint-{state.global_step}" if state.global_step else None
         self.tracker.update(
             phase=Phase.TRAINING,
@@ -130,7 +152,7 @@ class RunCallback(TrainerCallback):  # type: ignore[misc]
             eta_seconds=round(eta, 1) if eta is not None else None,
             trained_tokens=state.num_input_tokens_seen or None,
         )
-        if self.preemption.is_set:
+        if self.preemption.agreed():
             control.should_save = True
             control.should_training_stop = True
 
@@ -144,7 +166,8 @@ class RunCallback(TrainerCallback):  # type: ignore[misc]
     ) -> None:
         if not logs or not self.training:  # evaluations before and after training are reported
             return
-        self.history.append(logs, state.global_step, state.epoch)
+        if self.rank.is_main:
+            self.history.append(logs, state.global_step, state.epoch)
         update: dict[str, Any] = {}
         if "loss" in logs:
             update["loss"] = round(float(logs["loss"]), 5)
@@ -164,11 +187,20 @@ class RunCallback(TrainerCallback):  # type: ignore[misc]
     def on_save(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any
     ) -> None:
-        self.lock.ensure_held()  # another run took the output over: this checkpoint is not ours
         self.tracker.phase(Phase.SAVING, f"checkpoint {state.global_step}")
-        self.store.mark_complete(
-            state.global_step, latest_eval(state.log_history, state.global_step)
-        )
+        rank = self.rank
+        if rank.is_distributed:
+            barrier()  # every rank has written its part (an FSDP checkpoint is sharded)
+            if rank.local_rank == 0 and not rank.is_main:
+                self.store.upload_part(state.global_step)
+            barrier()
+        if self.lock is not None:
+            self.lock.ensure_held()  # another run took the output over: not our checkpoint
+            self.store.mark_complete(
+                state.global_step,
+                latest_eval(state.log_history, state.global_step),
+                rank.world_size,
+            )
         self.tracker.update(
             phase=Phase.PREEMPTED if self.preemption.is_set else Phase.TRAINING,
             message=None,

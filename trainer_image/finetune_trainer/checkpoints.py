@@ -46,8 +46,9 @@ def mark_best(
 
 
 def latest_eval(log_history: list[dict[str, Any]], step: int) -> dict[str, float]:
-    """The eval metrics a checkpoint records: the latest evaluation at or before `step`."""
-    evals = [h for h in log_history if "eval_loss" in h and h["step"] <= step]
+    """The eval metrics a checkpoint records: the latest evaluation at or before `step` (not
+    one at step 0, which evaluated the untuned model)."""
+    evals = [h for h in log_history if "eval_loss" in h and 0 < h["step"] <= step]
     if not evals:
         return {}
     return {k: float(evals[-1][k]) for k in ("eval_loss", "eval_accuracy") if k in evals[-1]}
@@ -69,9 +70,18 @@ class CheckpointStore:
         """Where checkpoint `step` lives in the output location."""
         return f"{self.output_uri}/checkpoints/checkpoint-{step}"
 
-    def mark_complete(self, step: int, evaluation: dict[str, float]) -> CheckpointInfo:
+    def upload_part(self, step: int) -> None:
+        """Upload what this node wrote of checkpoint `step` to a remote output (the shards of
+        an FSDP run on a pod other than rank 0's; before rank 0 marks it complete)."""
+        if self.remote:
+            storage.upload(self.local_dir / f"checkpoint-{step}", self.uri(step))
+
+    def mark_complete(
+        self, step: int, evaluation: dict[str, float], world_size: int = 1
+    ) -> CheckpointInfo:
         """Declare checkpoint `step` complete: upload it (remote outputs), then write the marker
-        (with the eval metrics of `evaluation`, the latest evaluation's)."""
+        (with the eval metrics of `evaluation`, the latest evaluation's, and the number of
+        workers that wrote it)."""
         path = self.local_dir / f"checkpoint-{step}"
         info = CheckpointInfo(
             step=step,
@@ -79,6 +89,7 @@ class CheckpointStore:
             eval_loss=evaluation.get("eval_loss"),
             eval_accuracy=evaluation.get("eval_accuracy"),
             time=utcnow(),
+            world_size=world_size,
         )
         marker = info.to_json()
         if self.remote:
@@ -122,14 +133,16 @@ class CheckpointStore:
                 log.warning("removed incomplete checkpoint %s", path.name)
         return removed
 
-    def resume_path(self) -> Path | None:
-        """The newest complete checkpoint as a local directory (downloaded if remote), or None."""
-        self.prune_incomplete()
+    def resume_path(self, fetch: bool = True) -> Path | None:
+        """The newest complete checkpoint as a local directory, or None. `fetch` (one process
+        per node): first delete incomplete local checkpoints and download a remote one."""
+        if fetch:
+            self.prune_incomplete()
         checkpoints = self.complete()
         if not checkpoints:
             return None
         newest = checkpoints[-1]
         path = self.local_dir / f"checkpoint-{newest.step}"
-        if self.remote and not (path / MARKER).exists():
+        if fetch and self.remote and not (path / MARKER).exists():
             storage.download(newest.uri, path)
         return path

@@ -175,6 +175,16 @@ def _local_output(name: str, run: RunConfig, output: Path | None) -> RunConfig:
     return run.model_copy(update={"output": run.output.model_copy(update={"uri": uri})})
 
 
+def _worker_logs(name: str, run: RunConfig) -> Path:
+    """Where `finetune run --nproc-per-node` puts its workers' logs: logs/ in a local output,
+    else in the staging directory of a remote one."""
+    from finetune_trainer import storage
+
+    if storage.is_local(run.output.uri):
+        return Path(storage.resolve(run.output.uri)) / "logs"
+    return Path(tempfile.gettempdir()) / "finetune-run" / name / "logs"
+
+
 def _free_port(port: int) -> int:
     """Typer callback: `port` if this machine can serve on it (0: off)."""
     if port:
@@ -260,11 +270,22 @@ def run(
     ] = 0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show library logs.")] = False,
     debug: DebugOpt = False,
+    nproc_per_node: Annotated[
+        int,
+        typer.Option(
+            "--nproc-per-node",
+            min=1,
+            max=64,
+            help="Train with N worker processes here (one per GPU; on CPU, gloo processes), as "
+            "torchrun would: training.distributed applies; workers' logs go to OUTPUT/logs/.",
+        ),
+    ] = 1,
 ) -> None:
-    """Fine-tune locally, in this process, with a progress bar and a final summary.
+    """Fine-tune locally, with a progress bar and a final summary.
 
     A FineTuneJob manifest is checked as the cluster would admit it. Resumes automatically
-    from the newest complete checkpoint in the output location.
+    from the newest complete checkpoint in the output location. One process by default; with
+    --nproc-per-node N, N workers under PyTorch's launcher (DDP or FSDP).
     """
     _logging(verbose, debug)
     with reported(debug):
@@ -279,11 +300,19 @@ def run(
         problem = kbit_device_error(run_config)
         if problem:
             raise InvalidInputError(problem)
-    ctx = RunContext(name=name)
     bar = _Bar()
-    ctx.tracker.subscribe(bar)
-    with bar.progress:
-        summary = run_reported(run_config, ctx, progress_port=progress_port or None)
+    if nproc_per_node > 1:
+        from finetune_trainer.local_group import run_group
+
+        logs = _worker_logs(name, run_config)
+        with bar.progress:
+            summary = run_group(name, run_config, nproc_per_node, logs, bar, progress_port)
+        console.print(f"[dim]workers' logs in {logs}[/dim]")
+    else:
+        ctx = RunContext(name=name)
+        ctx.tracker.subscribe(bar)
+        with bar.progress:
+            summary = run_reported(run_config, ctx, progress_port=progress_port or None)
     console.print(_summary_table(summary))
     if summary.outcome == Outcome.SUCCEEDED:
         console.print(f"outputs in [bold]{run_config.output.uri}[/bold]")

@@ -329,6 +329,46 @@ class EarlyStoppingSpec(SpecModel):
     threshold: float = Field(default=0.0, ge=0.0, le=1.0, description="Minimum improvement.")
 
 
+class FsdpSpec(SpecModel):
+    """FSDP2 settings: how training state is sharded over the workers."""
+
+    cpu_offload: bool = Field(
+        default=False,
+        description="Keep sharded parameters, gradients and optimizer state in CPU memory "
+        "between uses (slower; fits models whose shards exceed GPU memory).",
+    )
+    sharding: Literal["global", "node"] = Field(
+        default="global",
+        description="global: shard over every worker of the run; node: shard within each pod "
+        "and replicate across pods (hybrid sharding: less traffic between nodes).",
+    )
+
+
+class DistributedSpec(SpecModel):
+    """How the workers of a run (resources.nodes x resources.gpus) share the training."""
+
+    strategy: Literal["auto", "ddp", "fsdp"] = Field(
+        default="auto",
+        description="ddp: every worker holds the whole model, batches are split; fsdp: "
+        "parameters, gradients and optimizer state are sharded (FSDP2); auto: ddp when the "
+        "model and its training state fit one GPU, else fsdp (see docs/distributed.md).",
+    )
+    fsdp: FsdpSpec | None = Field(default=None, description="FSDP settings.")
+    timeout_seconds: int = Field(
+        default=600,
+        ge=30,
+        le=7200,
+        description="How long a collective waits for a worker that went away before the "
+        "others give up (the group then restarts from the last complete checkpoint).",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> DistributedSpec:
+        if self.fsdp is not None and self.strategy == "ddp":
+            raise ValueError("fsdp: only used by strategy fsdp (or auto)")
+        return self
+
+
 class TrainingSpec(SpecModel):
     """Optimisation hyperparameters. `auto` values follow the rules in docs/training.md."""
 
@@ -375,6 +415,11 @@ class TrainingSpec(SpecModel):
         default=3, ge=1, le=100, description="Checkpoints kept, plus the best one."
     )
     early_stopping: EarlyStoppingSpec | None = None
+    distributed: DistributedSpec = Field(
+        default_factory=DistributedSpec,
+        description="Several workers (GPUs, pods): DDP or FSDP; used when the run has more "
+        "than one worker.",
+    )
 
     @model_validator(mode="after")
     def _save_at_evaluations(self) -> TrainingSpec:
@@ -484,7 +529,34 @@ class RunConfig(SpecModel):
                 "sequence-classification"
             )
         self._check_virtual_tokens()
+        self._check_fsdp()
         return self
+
+    def _check_fsdp(self) -> None:
+        """What FSDP cannot shard."""
+        if self.training.distributed.strategy != "fsdp":
+            return
+        if self.method.type in VIRTUAL_TOKEN_METHODS:
+            raise ValueError(
+                f"training.distributed.strategy: {self.method.type} tuning is not sharded by "
+                "FSDP; use ddp (its trainable state is tiny)"
+            )
+        q = self.method.quantization
+        if q is not None and q.bits == 8:
+            raise ValueError(
+                "training.distributed.strategy: FSDP cannot shard an 8-bit base; use 4-bit "
+                "quantization (qlora) or ddp"
+            )
+        if self.output.merge_adapter:
+            raise ValueError(
+                "output.mergeAdapter: an FSDP run's model is sharded and cannot be merged in "
+                "the trainer; merge the adapter afterwards, or use ddp"
+            )
+        if self.evaluation is not None and self.evaluation.generation is not None:
+            raise ValueError(
+                "evaluation.generation: an FSDP run's model is sharded and cannot generate in "
+                "the trainer; use ddp, or evaluate the saved model afterwards"
+            )
 
     def _check_virtual_tokens(self) -> None:
         """What prefix and prompt tuning cannot do (each found by running it on tiny models)."""

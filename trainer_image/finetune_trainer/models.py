@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from finetune_trainer import storage
 from finetune_trainer.config import ModelSpec, RunConfig
+from finetune_trainer.distributed import Rank
 from finetune_trainer.errors import InvalidInputError, TransientError, classify, first_line
 from finetune_trainer.progress import ENV_HF_TOKEN
 
@@ -159,11 +160,14 @@ def _quantization_config(run: RunConfig, compute: torch.dtype) -> Any:
     cdtype = compute if q.compute_dtype == "auto" else torch_dtype(q.compute_dtype)
     if q.bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
+    sharded = run.training.distributed.strategy == "fsdp"
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=q.quant_type,
         bnb_4bit_use_double_quant=q.double_quant,
         bnb_4bit_compute_dtype=cdtype,
+        # FSDP shards the packed 4-bit weights as tensors of the compute dtype (QLoRA + FSDP)
+        **({"bnb_4bit_quant_storage": cdtype} if sharded else {}),
     )
 
 
@@ -215,7 +219,8 @@ def load_model(
         if problem:
             raise ModelLoadError(problem)
         kwargs["quantization_config"] = _quantization_config(run, dtype)
-        kwargs["device_map"] = {"": 0}
+        if run.training.distributed.strategy != "fsdp":  # FSDP places the shards itself
+            kwargs["device_map"] = {"": Rank.from_env().local_rank}  # one GPU per worker
     if local.gguf_file:
         kwargs["gguf_file"] = local.gguf_file
     log.info("loading %s (%s)", local.description, auto_class.__name__)

@@ -17,11 +17,14 @@ def weights_dir(run: RunConfig) -> str:
     return MODEL_DIR if run.method.type == "full" else ADAPTER_DIR
 
 
-def save_weights(run: RunConfig, model: Any, tokenizer: Any, out: Path) -> Path:
+def save_weights(
+    run: RunConfig, model: Any, tokenizer: Any, out: Path, state_dict: Any = None
+) -> Path:
     """The trained weights and the tokenizer: a PEFT adapter in adapter/, or the whole model
-    of a full fine-tune in model/."""
+    of a full fine-tune in model/. `state_dict`: the weights gathered from the shards of an
+    FSDP run (the model's own parameters otherwise)."""
     path = out / weights_dir(run)
-    model.save_pretrained(path)
+    model.save_pretrained(path, state_dict=state_dict)
     tokenizer.save_pretrained(path)
     return path
 

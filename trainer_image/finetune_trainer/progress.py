@@ -18,6 +18,15 @@ ENV_PROGRESS_PORT = "FINETUNE_PROGRESS_PORT"  # port of GET /progress (0 disable
 ENV_TERMINATION_PATH = "FINETUNE_TERMINATION_MESSAGE_PATH"  # where the final summary goes
 ENV_PVC_ROOT = "FINETUNE_PVC_ROOT"  # pvc://CLAIM/path resolves to $FINETUNE_PVC_ROOT/CLAIM/path
 ENV_HF_TOKEN = "HF_TOKEN"  # Hugging Face token (from a referenced Secret)
+# A run of several workers (finetune_trainer.launch): torchrun's own variable names
+ENV_NNODES = "PET_NNODES"  # pods in the group
+ENV_NPROC_PER_NODE = "PET_NPROC_PER_NODE"  # workers per pod (one per GPU)
+ENV_NODE_RANK = "PET_NODE_RANK"  # this pod's index (else JOB_COMPLETION_INDEX)
+ENV_JOB_COMPLETION_INDEX = "JOB_COMPLETION_INDEX"  # set by the Job controller (Indexed Job)
+ENV_MASTER_ADDR = "PET_MASTER_ADDR"  # pod 0's DNS name: where the launchers meet
+ENV_MASTER_PORT = "PET_MASTER_PORT"  # and its port
+ENV_RDZV_TIMEOUT = "FINETUNE_RDZV_TIMEOUT_SECONDS"  # how long pod 0 waits for the others
+ENV_SHUTDOWN_TIMEOUT = "FINETUNE_SHUTDOWN_TIMEOUT_SECONDS"  # workers' time to save on a stop
 
 CONFIG_PATH = "/etc/finetune/config.json"
 PROGRESS_PORT = 8080
@@ -76,6 +85,9 @@ class CheckpointInfo(WireModel):
         default=None, description="Validation accuracy (sequence classification)."
     )
     time: datetime
+    world_size: int | None = Field(
+        default=None, ge=1, description="Workers that wrote it (a resume needs as many)."
+    )
     best: bool = Field(
         default=False,
         description="The best checkpoint by training.earlyStopping.metric (default eval_loss).",
@@ -126,6 +138,14 @@ class Summary(WireModel):
     total_params: int | None = None
     trained_tokens: int | None = None
     steps: int | None = None
+
+    def exit_code(self) -> ExitCode:
+        """The exit code the operator expects for this outcome."""
+        return {
+            Outcome.SUCCEEDED: ExitCode.SUCCEEDED,
+            Outcome.INVALID_INPUT: ExitCode.INVALID_INPUT,
+            Outcome.PREEMPTED: ExitCode.PREEMPTED,
+        }.get(self.outcome, ExitCode.FAILED)
 
     def to_termination_message(self) -> str:
         """Serialise within TERMINATION_MESSAGE_MAX_BYTES, shortening the message if needed."""

@@ -15,6 +15,7 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from finetune_trainer import fingerprint, hyper, storage
 from finetune_trainer.callbacks import PreemptionFlag, RunCallback, StopRequestedError
 from finetune_trainer.checkpoints import BestMetric, CheckpointStore
 from finetune_trainer.config import ConfigError, RunConfig
+from finetune_trainer.distributed import Rank, barrier, init_group, settle, smallest
 from finetune_trainer.errors import InvalidInputError
 from finetune_trainer.generation import GenerationEval, held_out
 from finetune_trainer.history import History
@@ -54,6 +56,9 @@ from finetune_trainer.outputs import (
     write_model_card,
 )
 from finetune_trainer.progress import CheckpointInfo, Outcome, Phase, Summary
+from finetune_trainer.strategy import Strategy
+from finetune_trainer.strategy import resolve as resolve_strategy
+from finetune_trainer.strategy import training_arguments as strategy_arguments
 from finetune_trainer.tracker import ProgressTracker
 
 log = logging.getLogger(__name__)
@@ -78,6 +83,7 @@ class RunContext:
     tracker: ProgressTracker = field(default_factory=ProgressTracker)
     preemption: PreemptionFlag = field(default_factory=PreemptionFlag)
     scratch: Path | None = None
+    rank: Rank = field(default_factory=Rank.from_env)  # this worker (rank 0 of 1 when alone)
 
 
 def _device() -> str:
@@ -127,11 +133,13 @@ def padding_free(
 
 def data_parallel(model: Any) -> bool:
     """Whether transformers will split each batch across this process's GPUs with torch
-    DataParallel: more than one GPU visible and a model that is not k-bit quantized."""
+    DataParallel: one process (not a launched worker, which has one GPU), more than one GPU
+    visible and a model that is not k-bit quantized."""
     import torch
 
     kbit = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
-    return torch.cuda.device_count() > 1 and not kbit
+    alone = not Rank.from_env().is_distributed
+    return alone and torch.cuda.device_count() > 1 and not kbit
 
 
 def use_liger(run: RunConfig, device: str) -> bool:
@@ -157,6 +165,7 @@ def _training_args(
     has_eval: bool,
     device: str,
 ) -> dict[str, Any]:
+    """TrainingArguments of a single process (the strategy adds its own)."""
     t = run.training
     eval_strategy = "no"
     eval_steps = None
@@ -400,6 +409,7 @@ class _Model:
     hp: hyper.Resolved
     batch_size: int
     device: str
+    strategy: Strategy
 
 
 def _load_data(run: RunConfig, ctx: RunContext, out: Path) -> _Data:
@@ -446,27 +456,61 @@ def _load_model(run: RunConfig, ctx: RunContext, data: _Data) -> _Model:
         raise InvalidInputError(str(exc)) from exc
     params = count_parameters(model)
     log.info("%s", params)
+    strategy = _strategy(run, ctx, params, device)
     batch_size = hp.batch_size
+    if batch_size is None and strategy.fsdp:  # the unsharded model says nothing of a shard
+        batch_size = min(hyper.CPU_AUTO_BATCH, len(data.prepared.train))
     if batch_size is None:
         if device == "cuda" and next(model.parameters()).device.type != "cuda":
-            model.to("cuda")  # k-bit models are already placed (and refuse .to)
+            model.to(f"cuda:{ctx.rank.local_rank}")  # k-bit models are placed (refuse .to)
         start = min(hyper.GPU_AUTO_BATCH_START, len(data.prepared.train))
         batch_size = hyper.probe_batch_size(model, run.dataset.max_seq_length, start)
-        log.info("auto batch size: %d", batch_size)
-    return _Model(model, params, hp, batch_size, device)
+    batch_size = smallest(batch_size)  # what every GPU of the run can hold
+    if hp.batch_size is None:
+        log.info("auto batch size: %d per worker", batch_size)
+    return _Model(model, params, hp, batch_size, device, strategy)
+
+
+def _strategy(run: RunConfig, ctx: RunContext, params: ParamCount, device: str) -> Strategy:
+    """DDP or FSDP for a run of several workers (auto: from the model's size and the GPU)."""
+    memory = None
+    if device == "cuda":
+        import torch
+
+        memory = int(torch.cuda.mem_get_info()[1])
+    chosen = resolve_strategy(run, ctx.rank, params.total, memory)
+    if chosen.kind != "single":
+        log.info("%s over %d workers (%s)", chosen.kind.upper(), chosen.world_size, chosen.reason)
+    return chosen
 
 
 def _baseline(
-    run: RunConfig, ctx: RunContext, trainer: Any, data: _Data, history: History
+    run: RunConfig,
+    ctx: RunContext,
+    trainer: Any,
+    data: _Data,
+    history: History,
+    sharded: bool = False,
 ) -> dict[str, Any]:
     """Evaluate the untuned model: loss (and accuracy) on the validation split, answers to
-    the generation eval's prompts. Returns the `baseline_*` metrics."""
+    the generation eval's prompts. Returns the `baseline_*` metrics.
+
+    `sharded` (FSDP): accelerate cannot evaluate an FSDP2 model before training prepared it,
+    so the untuned model is evaluated at step 0 of training instead (`eval_on_start`: the
+    model is then still the base, since FSDP never trains prefix or prompt tuning) and read
+    back from the log history (`baseline_from_history`)."""
     metrics: dict[str, Any] = {}
-    if data.prepared.eval is not None:
+    if data.prepared.eval is not None and not sharded:
         ctx.tracker.phase(Phase.EVALUATING, "baseline: the untuned model on the validation split")
         base = _evaluate(trainer, data.prepared.eval, "eval", run.task, base=True)
         metrics.update({f"baseline_{k}": v for k, v in base.items()})
         history.baseline = {"step": 0, "epoch": 0.0, **base}
+        # accelerate marks a model it prepared for evaluation as prepared, and would then not
+        # wrap it for DDP in train(): every rank would train alone. Let train() prepare it.
+        trainer.model._is_accelerate_prepared = False
+    if data.generation is not None and sharded:
+        log.warning("evaluation.generation: skipped (FSDP shards the model: it cannot generate)")
+        data.generation = None
     if data.generation is not None:
         n = len(data.generation.held.prompts)
         ctx.tracker.phase(Phase.EVALUATING, f"baseline: the untuned model answers {n} prompts")
@@ -474,21 +518,48 @@ def _baseline(
     return metrics
 
 
+def _resume_path(ctx: RunContext, store: CheckpointStore) -> Path | None:
+    """The checkpoint to resume from, fetched once per node; refused when it was written by
+    another number of workers (the global batch, the data order and FSDP's shards depend on
+    it)."""
+    rank = ctx.rank
+    resume = store.resume_path(fetch=rank.local_rank == 0)
+    if rank.is_distributed:
+        barrier()  # every node has it locally
+        resume = store.resume_path(fetch=False)
+    newest = store.complete()[-1] if resume is not None else None
+    if newest is not None and newest.world_size not in (None, rank.world_size):
+        raise InvalidInputError(
+            f"checkpoint-{newest.step} was written by {newest.world_size} workers and this run "
+            f"has {rank.world_size}: resume with the same number (resources.nodes x gpus, or "
+            "--nproc-per-node), or start over with another output"
+        )
+    return resume
+
+
 def _train(
-    run: RunConfig, ctx: RunContext, trainer: Any, store: CheckpointStore, history: History
+    run: RunConfig,
+    ctx: RunContext,
+    trainer: Any,
+    store: CheckpointStore,
+    history: History,
+    resume: Path | None,
+    sharded: bool = False,
 ) -> tuple[Any, str | None]:
-    """Train from scratch or from the newest complete checkpoint (or, when that one already
-    reached maxSteps, just load it). Returns the train() result (None when nothing was
-    trained) and the name of the checkpoint resumed from."""
+    """Train from scratch or from `resume`, the newest complete checkpoint (or, when that one
+    already reached maxSteps, just load it). Returns the train() result (None when nothing was
+    trained) and the name of the checkpoint resumed from. `sharded` (FSDP): the baseline is
+    the evaluation at step 0 of a run from scratch."""
     from transformers import EarlyStoppingCallback
 
-    resume = store.resume_path()
+    trainer.args.eval_on_start = sharded and resume is None and trainer.eval_dataset is not None
     if resume is not None:
         log.info("resuming from %s", resume.name)
         ctx.tracker.phase(Phase.LOADING_MODEL, f"resuming from {resume.name}")
         if restore_finished(trainer, resume):
             log.info("%s already reached training.maxSteps: nothing left to train", resume.name)
-            history.restart(trainer.state.log_history)
+            if ctx.rank.is_main:
+                history.restart(trainer.state.log_history)
             return None, resume.name
     es = run.training.early_stopping
     if es is not None:  # during training only: it watches the validation split's metric
@@ -572,7 +643,7 @@ def _final_metrics(
             name = "validation" if split == "eval" else "test"
             ctx.tracker.phase(Phase.EVALUATING, f"{name} split")
             metrics.update(_evaluate(trainer, dataset, split, run.task, base=False))
-    if data.generation is not None:
+    if data.generation is not None and ctx.rank.is_main:  # rank 0 has the whole (DDP) model
         n = len(data.generation.held.prompts)
         ctx.tracker.phase(Phase.EVALUATING, f"the tuned model answers {n} prompts")
         metrics.update(data.generation.answer_tuned(trainer.model, data.tokenizer, out))
@@ -586,13 +657,19 @@ def _save_outputs(
     data: _Data,
     metrics: dict[str, Any],
     out: Path,
-    lock: OutputLock,
+    lock: OutputLock | None,
 ) -> str | None:
-    """Write the weights, metrics, plot and model card, and publish them to a remote output.
-    Returns the merged model's URI, if one was written."""
+    """Write the weights, metrics, plot and model card, and publish them to a remote output
+    (rank 0; under FSDP every rank first gives its shard of the weights). Returns the merged
+    model's URI, if one was written."""
+    state_dict = None
+    if getattr(trainer, "is_fsdp_enabled", False):
+        state_dict = trainer.accelerator.get_state_dict(trainer.model)  # a collective
+    if lock is None:
+        return None
     lock.ensure_held()  # another run took the output over: these results are not to be published
     ctx.tracker.phase(Phase.SAVING, f"{weights_dir(run)}, metrics and model card")
-    path = save_weights(run, trainer.model, data.tokenizer, out)
+    path = save_weights(run, trainer.model, data.tokenizer, out, state_dict)
     merged_uri = None
     if run.output.merge_adapter:
         save_merged(trainer.model, data.tokenizer, out)
@@ -606,21 +683,28 @@ def _save_outputs(
 
 
 def execute(run: RunConfig, ctx: RunContext) -> Summary:
-    """Run the fine-tuning end to end and return the final summary."""
+    """Run the fine-tuning end to end and return the final summary. In a run of several
+    workers every rank executes it; rank 0 alone holds the output and writes to it."""
     import datasets
 
     datasets.disable_progress_bars()
+    init_group(run.training.distributed.timeout_seconds)
     out = _local_output(run, ctx)
 
     def on_wait(message: str) -> None:
         ctx.tracker.phase(Phase.STARTING, message)
 
+    if not ctx.rank.is_main:
+        settle(None)  # rank 0 holds the output
+        return _execute_holding(run, ctx, out, None)
     try:
-        # the writing process alone (rank 0 under torchrun) holds the output
         with hold_output(run.output.uri, out, on_wait=on_wait) as lock:
+            settle(None)
             return _execute_holding(run, ctx, out, lock)
     except OutputLockedError as exc:
-        raise InvalidInputError(str(exc)) from exc
+        error = InvalidInputError(str(exc))
+        settle(error)  # tells the other ranks, then raises it
+        raise error from exc
 
 
 def _trainer(
@@ -630,17 +714,35 @@ def _trainer(
     built: _Model,
     store: CheckpointStore,
     history: History,
-    lock: OutputLock,
+    lock: OutputLock | None,
 ) -> Any:
     """The Trainer of the run, reporting through RunCallback."""
     from transformers import PrinterCallback
 
-    callback = RunCallback(ctx.tracker, store, history, ctx.preemption, lock)
+    callback = RunCallback(ctx.tracker, store, history, ctx.preemption, lock, ctx.rank)
     has_eval = data.prepared.eval is not None
     args = _training_args(run, built.hp, built.batch_size, store.local_dir, has_eval, built.device)
+    args.update(
+        strategy_arguments(
+            run,
+            built.strategy,
+            ctx.rank,
+            built.model,
+            built.device,
+            built.hp.gradient_checkpointing,
+        )
+    )
     trainer = _build_trainer(run, built.model, data.tokenizer, data.prepared, args, [callback])
     trainer.remove_callback(PrinterCallback)  # RunCallback logs each step once, as text
     return trainer
+
+
+def baseline_from_history(log_history: list[dict[str, Any]], task: str) -> dict[str, float]:
+    """The `baseline_*` metrics of the evaluation at step 0 of training (FSDP's baseline)."""
+    start = next((h for h in log_history if h.get("step") == 0 and "eval_loss" in h), None)
+    if start is None:
+        return {}
+    return {f"baseline_{k}": v for k, v in evaluation_metrics(start, "eval", task).items()}
 
 
 def _run_metrics(
@@ -670,25 +772,47 @@ def _run_metrics(
     return metrics
 
 
-def _execute_holding(run: RunConfig, ctx: RunContext, out: Path, lock: OutputLock) -> Summary:
-    """`execute` once the output location is this run's."""
+@contextlib.contextmanager
+def settled() -> Iterator[None]:
+    """Every rank leaves the block together: all of them fine, or all raising (see
+    `distributed.settle`), so no rank waits in a collective for one that gave up."""
+    try:
+        yield
+    except Exception as exc:
+        settle(exc)
+        raise
+    settle(None)
+
+
+def _execute_holding(
+    run: RunConfig, ctx: RunContext, out: Path, lock: OutputLock | None
+) -> Summary:
+    """`execute` once the output location is this run's (`lock`: None on ranks other than 0)."""
     started = time.monotonic()
     store = CheckpointStore(run.output.uri, out, best_metric(run))
     try:
-        data = _load_data(run, ctx, out)
-        identity = fingerprint.of_run(run, data.prepared)
-        _check_same_run(run, identity, store)
+        with settled():
+            data = _load_data(run, ctx, out)
+            identity = fingerprint.of_run(run, data.prepared)
+            _check_same_run(run, identity, store)
         ctx.preemption.check()
-        built = _load_model(run, ctx, data)
+        with settled():
+            built = _load_model(run, ctx, data)
         ctx.preemption.check()
         history = History(out / "history.jsonl")
         trainer = _trainer(run, ctx, data, built, store, history, lock)
-        metrics = _baseline(run, ctx, trainer, data, history)
+        sharded = built.strategy.fsdp
+        metrics = _baseline(run, ctx, trainer, data, history, sharded)
         ctx.preemption.check()
-        fingerprint.record(run.output.uri, identity)  # from here on the output holds this run
-        result, resumed = _train(run, ctx, trainer, store, history)
+        if ctx.rank.is_main:
+            fingerprint.record(run.output.uri, identity)  # from here on the output is this run's
+        with settled():
+            resume = _resume_path(ctx, store)
+        result, resumed = _train(run, ctx, trainer, store, history, resume, sharded)
         if ctx.preemption.is_set and result is not None:
             return _preempted(run, ctx, trainer.state, store.complete(), resumed)
+        if sharded:
+            metrics.update(baseline_from_history(trainer.state.log_history, run.task))
         metrics.update(_final_metrics(run, ctx, trainer, data, out))
     except StopRequestedError:
         return _stopped_before_training(run, ctx, store)
