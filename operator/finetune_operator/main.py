@@ -7,7 +7,8 @@
 Handlers (all event handlers: none needs a finalizer, so deleting a FineTuneJob never waits for
 the operator, and its children go by owner-reference garbage collection):
 - indexes of the Jobs and pods labelled `finetune.dev/job` (kopf keeps them from its watch
-  streams, server-side filtered by that label), and an event handler that wakes the owning
+  streams, server-side filtered by that label; only the fields the operator reads, `views`),
+  and an event handler that wakes the owning
   FineTuneJob's task whenever one of them changes;
 - an event handler on FineTuneJobs that runs one task per FineTuneJob (`workers`,
   `reconcile.observe`), the only writer of its status: it validates the spec (invalid: phase
@@ -22,7 +23,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import kopf
@@ -41,6 +42,7 @@ from finetune_operator.kube import (
 from finetune_operator.names import job_label
 from finetune_operator.policy import Policy
 from finetune_operator.reconcile import Runtime, observe
+from finetune_operator.views import finetunejob_view, job_view, pod_view
 from finetune_operator.workers import Key, Run, Workers
 
 Obj = dict[str, Any]
@@ -131,16 +133,16 @@ def _owner_key(namespace: str | None, labels: kopf.Labels) -> Key:
 async def finetune_jobs(
     namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
 ) -> dict[Key, Obj]:
-    """Our batch/v1 Jobs by (namespace, `finetune.dev/job` label)."""
-    return {_owner_key(namespace, labels): dict(body)}
+    """Our batch/v1 Jobs by (namespace, `finetune.dev/job` label), as views."""
+    return {_owner_key(namespace, labels): job_view(body)}
 
 
 @kopf.index(*PODS, labels=OWNED)
 async def finetune_pods(
     namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
 ) -> dict[Key, Obj]:
-    """Our trainer pods by (namespace, `finetune.dev/job` label)."""
-    return {_owner_key(namespace, labels): dict(body)}
+    """Our trainer pods by (namespace, `finetune.dev/job` label), as views."""
+    return {_owner_key(namespace, labels): pod_view(body)}
 
 
 @kopf.on.event(*JOBS, labels=OWNED)
@@ -177,7 +179,7 @@ async def track(
             return  # shutting down
         runtime = Runtime(STATE.policy, STATE.kube, STATE.http, finetune_jobs, finetune_pods)
         STATE.run = partial(observe, runtime=runtime)
-    STATE.workers.observe(key, body, STATE.run)
+    STATE.workers.observe(key, kopf.Body(cast(kopf.RawBody, finetunejob_view(body))), STATE.run)
 
 
 def main() -> None:
