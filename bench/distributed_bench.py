@@ -45,12 +45,17 @@ def free_port() -> int:
 
 def build_model(out: Path) -> Path:
     """A random Llama with the tests' byte-level tokenizer trained on the instruction set."""
-    sys.path.insert(0, str(REPO / "tests"))
+    import importlib.util
+
     import torch
-    from conftest import build_tiny_tokenizer
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    build_tiny_tokenizer(out)
+    # the tests' tokenizer builder (tests/conftest.py, loaded by path: not a package)
+    found = importlib.util.spec_from_file_location("tests_conftest", REPO / "tests" / "conftest.py")
+    assert found is not None and found.loader is not None
+    conftest = importlib.util.module_from_spec(found)
+    found.loader.exec_module(conftest)
+    conftest.build_tiny_tokenizer(out)
     tokenizer = AutoTokenizer.from_pretrained(out)
     torch.manual_seed(0)
     config = LlamaConfig(
@@ -116,7 +121,9 @@ def group_env(nnodes: int, nproc: int, node: int, port: int) -> dict[str, str]:
 def scaling_run(tmp: Path, model: Path, workers: int, steps: int, label: str) -> float:
     """Tokens/s of one run with `workers` processes on this machine."""
     out = tmp / label / "out"
-    proc = start(tmp / label, config(model, out, steps, 10_000), group_env(1, workers, 0, free_port()))
+    proc = start(
+        tmp / label, config(model, out, steps, 10_000), group_env(1, workers, 0, free_port())
+    )
     if proc.wait() != 0:
         raise SystemExit(f"{label} failed: see {tmp / label / 'log.txt'}")
     rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]

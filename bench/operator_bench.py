@@ -3,6 +3,8 @@
     python bench/operator_bench.py                # N = 100
     python bench/operator_bench.py --n 1000
     python bench/operator_bench.py --n 1000 --rate 50   # paced creations (per second)
+    python bench/operator_bench.py --n 1000 --rate 20 --pods --served-objects --waves 2
+    python bench/operator_bench.py --server http://127.0.0.1:8001 --n 300 --rate 10 --out r.json
 
 Starts kmock's KubernetesEmulator (the integration-test harness, tests/integration/harness.py)
 on a local port and the real operator (`kopf run -m finetune_operator.main`) as a separate
@@ -17,8 +19,21 @@ Then it creates N FineTuneJobs and measures, from watch events:
 - API requests the operator made per FineTuneJob (by verb and resource), counted by the
   emulator, over the whole run and in a quiet window afterwards (steady-state polling).
 
-No kubelet runs: the Jobs stay pending, so the figures are for the operator's own path
-(validate, ConfigMap, Job, status) and its steady-state polling of pending Jobs.
+No kubelet runs. Without `--pods` the Jobs stay without pods, so the figures are for the
+operator's own path (validate, ConfigMap, Job, status). With `--pods` the bench does what the
+Job controller and the scheduler do on a real cluster: every Job gets its pods (one per index),
+built from the Job's pod template and left Pending as unschedulable, so the operator watches
+(and keeps) a pod per job and derives a status from it. `--served-objects` shapes what the bench
+creates as a real API server serves it: `managedFields` on every FineTuneJob and pod, and
+kubectl's `last-applied-configuration` annotation (a JSON copy of the object) on FineTuneJobs.
+`--waves K` runs K rounds of create → measure → delete everything (the FineTuneJobs and, as
+the garbage collector would, their children): the operator's RSS with N live jobs and after
+deletion, per round, shows whether memory is held per live job or leaks across rounds.
+`--operator-src DIR` runs the operator package found in DIR (e.g. the `operator/` folder of a
+git worktree of an older commit), for a comparison on the same machine.
+
+`--server URL` measures a real cluster where the operator is installed (latencies and
+reconcile times; RSS and request counts are the cluster's to read), and writes `--out` too.
 """
 
 from __future__ import annotations
@@ -85,6 +100,130 @@ def snapshot(cluster: Any) -> dict[str, int]:
     return dict(getattr(cluster.emulator, "counts", {}))
 
 
+def managed_fields(obj: dict[str, Any], manager: str) -> list[dict[str, Any]]:
+    """managedFields as a real API server writes them: the tree of the fields a manager set."""
+
+    def tree(value: Any) -> Any:
+        return {f"f:{k}": tree(v) for k, v in value.items()} if isinstance(value, dict) else {}
+
+    fields = {k: obj[k] for k in ("metadata", "spec", "status") if k in obj}
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return [
+        {
+            "manager": manager,
+            "operation": "Update",
+            "apiVersion": obj.get("apiVersion", "v1"),
+            "time": stamp,
+            "fieldsType": "FieldsV1",
+            "fieldsV1": tree(fields),
+        }
+    ]
+
+
+def finetunejob_body(name: str, ns: str, served: bool) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "apiVersion": "finetune.dev/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": SPEC,
+    }
+    if served:  # as `kubectl apply` and the API server would leave it
+        applied = json.dumps(body, separators=(",", ":"))
+        body["metadata"]["annotations"] = {
+            "kubectl.kubernetes.io/last-applied-configuration": applied
+        }
+        body["metadata"]["managedFields"] = managed_fields(body, "kubectl-client-side-apply")
+    return body
+
+
+def pod_bodies(job: dict[str, Any], served: bool) -> list[dict[str, Any]]:
+    """The pods the Job controller would create for `job` (one per index), left Pending as
+    the scheduler leaves a pod no node can take."""
+    meta, spec = job["metadata"], job["spec"]
+    template = spec["template"]
+    indexed = spec.get("completionMode") == "Indexed"
+    pods = []
+    for index in range(int(spec.get("completions") or 1)):
+        suffix = uuid.uuid4().hex[:5]
+        annotations = dict(template.get("metadata", {}).get("annotations") or {})
+        labels = {
+            **(template.get("metadata", {}).get("labels") or {}),
+            "batch.kubernetes.io/job-name": meta["name"],
+            "batch.kubernetes.io/controller-uid": meta.get("uid", ""),
+        }
+        if indexed:
+            annotations["batch.kubernetes.io/job-completion-index"] = str(index)
+        pod: dict[str, Any] = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": f"{meta['name']}-{index}-{suffix}"
+                if indexed
+                else f"{meta['name']}-{suffix}",
+                "namespace": meta["namespace"],
+                "labels": labels,
+                "annotations": annotations,
+                "ownerReferences": [
+                    {
+                        "apiVersion": "batch/v1",
+                        "kind": "Job",
+                        "name": meta["name"],
+                        "uid": meta.get("uid", ""),
+                        "controller": True,
+                        "blockOwnerDeletion": True,
+                    }
+                ],
+            },
+            "spec": template["spec"],
+            "status": {
+                "phase": "Pending",
+                "qosClass": "Guaranteed",
+                "conditions": [
+                    {
+                        "type": "PodScheduled",
+                        "status": "False",
+                        "reason": "Unschedulable",
+                        "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu.",
+                        "lastTransitionTime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    }
+                ],
+            },
+        }
+        if served:
+            pod["metadata"]["managedFields"] = managed_fields(pod, "kube-controller-manager")
+        pods.append(pod)
+    return pods
+
+
+async def delete_all(args: argparse.Namespace, server: str) -> float:
+    """Delete the bench's FineTuneJobs and, as the garbage collector would, their ConfigMaps,
+    Jobs, Services and pods. Returns the seconds it took."""
+    import aiohttp
+
+    ns = args.namespace
+    paths = [
+        f"{GROUP_PATH}/namespaces/{ns}/finetunejobs",
+        f"/apis/batch/v1/namespaces/{ns}/jobs",
+        f"/api/v1/namespaces/{ns}/pods",
+        f"/api/v1/namespaces/{ns}/configmaps",
+        f"/api/v1/namespaces/{ns}/services",
+    ]
+    start = time.monotonic()
+    sem = asyncio.Semaphore(args.concurrency)
+    async with aiohttp.ClientSession(server, headers={"User-Agent": BENCH_UA}) as http:
+
+        async def delete(path: str) -> None:
+            async with sem, http.delete(path):
+                pass
+
+        for path in paths:
+            async with http.get(path) as resp:
+                items = (await resp.json()).get("items") or []
+            names = [i["metadata"]["name"] for i in items]
+            await asyncio.gather(*(delete(f"{path}/{n}") for n in names if n.startswith("bench-")))
+    return time.monotonic() - start
+
+
 async def run(args: argparse.Namespace, server: str, kubeconfig: Path | None) -> dict[str, Any]:
     import aiohttp
 
@@ -99,6 +238,7 @@ async def run(args: argparse.Namespace, server: str, kubeconfig: Path | None) ->
     all_jobs = asyncio.Event()
     all_reconciled = asyncio.Event()
     wanted = set(names)
+    pod_tasks: list[asyncio.Task[None]] = []
     headers = {"User-Agent": BENCH_UA, "Content-Type": "application/json"}
     if args.token:
         headers["Authorization"] = f"Bearer {args.token}"
@@ -121,6 +261,8 @@ async def run(args: argparse.Namespace, server: str, kubeconfig: Path | None) ->
             owner = next((r["name"] for r in refs if r.get("kind") == "FineTuneJob"), None)
             if owner in wanted and owner not in job_seen and event.get("type") == "ADDED":
                 job_seen[owner] = now
+                if args.pods:
+                    pod_tasks.append(asyncio.create_task(create_pods(obj)))
                 stamp = obj["metadata"].get("creationTimestamp")
                 if stamp and owner in created_ts:
                     job_server_gap[owner] = _ts(stamp) - created_ts[owner]
@@ -135,6 +277,12 @@ async def run(args: argparse.Namespace, server: str, kubeconfig: Path | None) ->
                 reconciled[name] = now
                 if len(reconciled) == len(wanted):
                     all_reconciled.set()
+
+        async def create_pods(job: dict[str, Any]) -> None:
+            for pod in pod_bodies(job, args.served_objects):
+                async with http.post(f"/api/v1/namespaces/{ns}/pods", data=json.dumps(pod)) as r:
+                    if r.status >= 300:
+                        raise RuntimeError(f"create pod: {r.status} {await r.text()}")
 
         async def poll_reconciled() -> None:
             # kmock's watch does not carry status-subresource patches: list every 0.25 s
@@ -159,12 +307,7 @@ async def run(args: argparse.Namespace, server: str, kubeconfig: Path | None) ->
                 delay = start + i / args.rate - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)
-            body = {
-                "apiVersion": "finetune.dev/v1alpha1",
-                "kind": "FineTuneJob",
-                "metadata": {"name": name, "namespace": ns},
-                "spec": SPEC,
-            }
+            body = finetunejob_body(name, ns, args.served_objects)
             async with sem:
                 sent[name] = time.monotonic()
                 async with http.post(
@@ -196,12 +339,9 @@ async def run(args: argparse.Namespace, server: str, kubeconfig: Path | None) ->
         except TimeoutError:
             pass
         done = time.monotonic() - start
+        await asyncio.gather(*pod_tasks)
         for task in [*watchers, reporter]:
             task.cancel()
-        if args.cleanup:
-            for name in names:
-                async with http.delete(f"{GROUP_PATH}/namespaces/{ns}/finetunejobs/{name}"):
-                    pass
     latencies = [job_seen[n] - sent[n] for n in names if n in job_seen]
     gaps = list(job_server_gap.values())
     return {
@@ -225,6 +365,23 @@ async def run(args: argparse.Namespace, server: str, kubeconfig: Path | None) ->
     }
 
 
+def start_operator(cluster: Any, tmp: Path, src: Path | None) -> subprocess.Popen[bytes]:
+    """The real operator (`kopf run`) against the emulator; `src` overrides its package."""
+    env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig), "FINETUNE_METRICS_PORT": "0"}
+    if src is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(src.resolve()), env.get("PYTHONPATH", "")])
+    log = (tmp / "operator.log").open("w")
+    command = [sys.executable, "-m", "kopf", "run", "--standalone", "--all-namespaces"]
+    if os.environ.get("BENCH_VERBOSE"):
+        command.append("--verbose")
+    return subprocess.Popen(
+        [*command, "-m", "finetune_operator.main"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -244,69 +401,82 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--token", default="", help="bearer token for --server")
     p.add_argument("--cleanup", action="store_true", help="delete the FineTuneJobs afterwards")
+    p.add_argument("--pods", action="store_true", help="give every Job its (Pending) pods")
+    p.add_argument(
+        "--served-objects",
+        action="store_true",
+        help="managedFields and kubectl's last-applied annotation on what the bench creates",
+    )
+    p.add_argument(
+        "--waves", type=int, default=1, help="rounds of create, measure, delete everything"
+    )
+    p.add_argument(
+        "--operator-src", type=Path, help="run the finetune_operator package found in this folder"
+    )
     p.add_argument("--out", type=Path, help="write results as JSON here")
     args = p.parse_args(argv)
 
     if args.server:  # a real cluster: latencies only (the operator runs in the cluster)
-        result = asyncio.run(run(args, args.server.rstrip("/"), None))
-        print(json.dumps(result, indent=1))
-        return 0
+        if args.pods or args.waves > 1 or args.operator_src:
+            p.error("--pods, --waves and --operator-src are for the emulator, not --server")
+        server = args.server.rstrip("/")
+        result = asyncio.run(run(args, server, None))
+        if args.cleanup:
+            result["delete_seconds"] = asyncio.run(delete_all(args, server))
+        result.update(server=True, rate=args.rate, concurrency=args.concurrency)
+        return report(result, args.out)
 
     tmp = Path(tempfile.mkdtemp(prefix="opbench-"))
     cluster = start_emulator(tmp)
+    waves: list[dict[str, Any]] = []
     with cluster:
-        env = {
-            **os.environ,
-            "KUBECONFIG": str(cluster.kubeconfig),
-            "FINETUNE_METRICS_PORT": "0",
-        }
-        log = (tmp / "operator.log").open("w")
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "kopf",
-                "run",
-                "--standalone",
-                "--all-namespaces",
-                *(["--verbose"] if os.environ.get("BENCH_VERBOSE") else []),
-                "-m",
-                "finetune_operator.main",
-            ],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+        proc = start_operator(cluster, tmp, args.operator_src)
         try:
             # ready = the operator has reconciled one FineTuneJob
             ready_started = time.monotonic()
-            warm = argparse.Namespace(**{**vars(args), "n": 1, "rate": 0.0})
+            warm = argparse.Namespace(**{**vars(args), "n": 1, "rate": 0.0, "pods": False})
             warm_result = asyncio.run(run(warm, cluster.url, cluster.kubeconfig))
             startup = time.monotonic() - ready_started
-            before = snapshot(cluster)
-            stats_before = _proc_stats(proc.pid)
-            result = asyncio.run(run(args, cluster.url, cluster.kubeconfig))
-            after = snapshot(cluster)
-            time.sleep(args.quiet_seconds)
-            quiet = snapshot(cluster)
-            stats = _proc_stats(proc.pid)
+            asyncio.run(delete_all(args, cluster.url))
+            time.sleep(2)
+            rss_idle = _proc_stats(proc.pid)["rss_bytes"]
+            for wave in range(args.waves):
+                before = snapshot(cluster)
+                stats_before = _proc_stats(proc.pid)
+                wave_result = asyncio.run(run(args, cluster.url, cluster.kubeconfig))
+                after = snapshot(cluster)
+                time.sleep(args.quiet_seconds)
+                quiet = snapshot(cluster)
+                stats = _proc_stats(proc.pid)
+                wave_result.update(
+                    operator_rss_live_bytes=stats["rss_bytes"],
+                    operator_peak_rss_bytes=stats["peak_rss_bytes"],
+                    operator_cpu_seconds=stats["cpu_seconds"] - stats_before["cpu_seconds"],
+                    run_requests={k: after.get(k, 0) - before.get(k, 0) for k in after},
+                    quiet_requests={k: quiet.get(k, 0) - after.get(k, 0) for k in quiet},
+                )
+                if wave + 1 < args.waves or args.cleanup:
+                    wave_result["delete_seconds"] = asyncio.run(delete_all(args, cluster.url))
+                    time.sleep(args.quiet_seconds)
+                    wave_result["operator_rss_after_delete_bytes"] = _proc_stats(proc.pid)[
+                        "rss_bytes"
+                    ]
+                waves.append(wave_result)
         finally:
             proc.send_signal(signal.SIGINT)
             try:
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 proc.kill()
-            log.close()
     bench_cpu = resource.getrusage(resource.RUSAGE_SELF)
-    run_requests = {k: after.get(k, 0) - before.get(k, 0) for k in after}
-    quiet_requests = {k: quiet.get(k, 0) - after.get(k, 0) for k in quiet}
     n = args.n
+    result = dict(waves[0])
+    run_requests, quiet_requests = result.pop("run_requests"), result.pop("quiet_requests")
     result.update(
         startup_to_first_job_seconds=startup,
         warmup_latency=warm_result["latency_p50"],
-        operator_peak_rss_bytes=stats["peak_rss_bytes"],
-        operator_rss_bytes=stats["rss_bytes"],
-        operator_cpu_seconds=stats["cpu_seconds"] - stats_before["cpu_seconds"],
+        operator_rss_idle_bytes=rss_idle,
+        operator_rss_bytes=result["operator_rss_live_bytes"],
         requests_per_job=sum(run_requests.values()) / n,
         requests_by_kind_per_job={k: round(v / n, 3) for k, v in sorted(run_requests.items()) if v},
         quiet_seconds=args.quiet_seconds,
@@ -315,17 +485,40 @@ def main(argv: list[str] | None = None) -> int:
         * 60
         / args.quiet_seconds,
         quiet_by_kind={k: v for k, v in sorted(quiet_requests.items()) if v},
+        waves=[
+            {
+                k: w.get(k)
+                for k in (
+                    "latency_p50",
+                    "latency_p99",
+                    "all_reconciled_seconds",
+                    "operator_rss_live_bytes",
+                    "operator_rss_after_delete_bytes",
+                    "operator_peak_rss_bytes",
+                    "operator_cpu_seconds",
+                )
+            }
+            for w in waves
+        ],
         emulator_and_bench_cpu_seconds=bench_cpu.ru_utime + bench_cpu.ru_stime,
         rate=args.rate,
         concurrency=args.concurrency,
+        pods=args.pods,
+        served_objects=args.served_objects,
+        operator_src=str(args.operator_src or ""),
         cpus=os.cpu_count(),
         load_avg=os.getloadavg(),
     )
+    return report(result, args.out)
+
+
+def report(result: dict[str, Any], out: Path | None) -> int:
+    """Print the results (rounded) and write them as JSON to `out`."""
     shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}
     print(json.dumps(shown, indent=1))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1))
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1))
     return 0
 
 
