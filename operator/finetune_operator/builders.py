@@ -175,6 +175,16 @@ def _env(spec: FineTuneJobSpec) -> list[dict[str, Any]]:
     return env
 
 
+def _with_platform_env(env: list[dict[str, Any]], policy: Policy) -> list[dict[str, Any]]:
+    """The trainer's env plus the platform's (`Policy.trainer_env`, e.g. NCCL settings); a
+    variable the operator sets keeps the operator's value."""
+    taken = {item["name"] for item in env}
+    extra = [
+        {"name": k, "value": v} for k, v in sorted(policy.trainer_env.items()) if k not in taken
+    ]
+    return env + extra
+
+
 def _tolerations(spec: FineTuneJobSpec) -> list[dict[str, Any]]:
     tolerations = [
         t.model_dump(by_alias=True, exclude_none=True) for t in spec.resources.tolerations or []
@@ -216,7 +226,7 @@ def build_pod_spec(name: str, namespace: str, spec: FineTuneJobSpec, policy: Pol
         "image": spec.resources.image or policy.default_image,
         "imagePullPolicy": "IfNotPresent",
         "command": list(TRAINER_COMMAND),
-        "env": _env(spec) + _group_env(name, namespace, spec),
+        "env": _with_platform_env(_env(spec) + _group_env(name, namespace, spec), policy),
         "ports": [{"name": PROGRESS_PORT_NAME, "containerPort": PROGRESS_PORT, "protocol": "TCP"}],
         "readinessProbe": {
             "httpGet": {"path": PROGRESS_PATH, "port": PROGRESS_PORT_NAME},

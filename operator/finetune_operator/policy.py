@@ -5,6 +5,9 @@
     FINETUNE_MAX_GPUS_PER_JOB         upper bound of GPUs per job: gpus x nodes (default 8)
     FINETUNE_ALLOWED_NAMESPACES       comma-separated namespaces allowed to run jobs (empty: all)
     FINETUNE_POLL_INTERVAL_SECONDS    how often a running trainer's /progress is polled (default 5)
+    FINETUNE_TRAINER_ENV              a JSON object of extra environment variables for every
+                                      trainer container, e.g. NCCL settings of the cluster's
+                                      network: {"NCCL_SOCKET_IFNAME": "eth0"} (default none)
 
 Violations are reported like spec validation errors: one ``field.path: message`` line each.
 """
@@ -12,18 +15,20 @@ Violations are reported like spec validation errors: one ``field.path: message``
 from __future__ import annotations
 
 import copy
+import json
 import os
 import re
 from collections.abc import Mapping
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from finetune_operator.api import ConfigError, FineTuneJobSpec, parse_spec
 from finetune_operator.uris import uri_values
 
 DEFAULT_IMAGE = "ghcr.io/finetune-dev/finetune-trainer:0.1.0"
 _TRUE = {"1", "true", "yes", "on"}
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _DNS1123_SUBDOMAIN = re.compile(
     r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 )
@@ -39,6 +44,14 @@ class Policy(BaseModel):
     max_gpus_per_job: int = Field(default=8, ge=0)
     allowed_namespaces: tuple[str, ...] = ()
     poll_interval_seconds: float = Field(default=5.0, gt=0)
+    trainer_env: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("trainer_env")
+    @classmethod
+    def _env_names(cls, env: dict[str, str]) -> dict[str, str]:
+        if bad := [name for name in env if not _ENV_NAME.match(name)]:
+            raise ValueError(f"FINETUNE_TRAINER_ENV: not environment variable names: {bad}")
+        return env
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Policy:
@@ -57,6 +70,8 @@ class Policy(BaseModel):
             )
         if interval := env.get("FINETUNE_POLL_INTERVAL_SECONDS", "").strip():
             values["poll_interval_seconds"] = float(interval)
+        if trainer_env := env.get("FINETUNE_TRAINER_ENV", "").strip():
+            values["trainer_env"] = json.loads(trainer_env)
         return cls.model_validate(values)
 
 

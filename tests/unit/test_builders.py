@@ -10,6 +10,7 @@ from finetune_operator.api import parse_spec
 from finetune_operator.builders import (
     build_configmap,
     build_job,
+    build_pod_spec,
     build_service,
     config_hash,
     pvc_volume_name,
@@ -402,6 +403,7 @@ def test_policy_from_env() -> None:
             "FINETUNE_MAX_GPUS_PER_JOB": "4",
             "FINETUNE_ALLOWED_NAMESPACES": "a, b,",
             "FINETUNE_POLL_INTERVAL_SECONDS": "2.5",
+            "FINETUNE_TRAINER_ENV": '{"NCCL_SOCKET_IFNAME": "eth0"}',
         }
     )
     assert policy == Policy(
@@ -410,8 +412,19 @@ def test_policy_from_env() -> None:
         max_gpus_per_job=4,
         allowed_namespaces=("a", "b"),
         poll_interval_seconds=2.5,
+        trainer_env={"NCCL_SOCKET_IFNAME": "eth0"},
     )
     assert Policy.from_env({}) == Policy()
+    with pytest.raises(ValueError, match="not environment variable names: \\['NCCL-X'\\]"):
+        Policy.from_env({"FINETUNE_TRAINER_ENV": '{"NCCL-X": "1"}'})
+
+
+def test_the_platforms_trainer_env_reaches_every_trainer_but_not_over_the_contract() -> None:
+    policy = Policy(trainer_env={"NCCL_IB_HCA": "mlx5_0,mlx5_1", "HOME": "/root"})
+    pod = build_pod_spec("ft", "ns", make(resources={"gpus": 8, "nodes": 2}), policy)
+    env = pod["containers"][0]["env"]
+    assert {"name": "NCCL_IB_HCA", "value": "mlx5_0,mlx5_1"} in env
+    assert [e["value"] for e in env if e["name"] == "HOME"] == ["/tmp"]  # the contract's
 
 
 def test_kueue_admits_a_group_as_one_suspended_indexed_job() -> None:

@@ -19,6 +19,7 @@ import pytest
 import yaml
 from finetune_operator.api import GROUP, PLURAL
 from finetune_operator.crd import CRD_FILENAME
+from finetune_operator.policy import Policy
 from finetune_operator.rbac import CLUSTER_RULES, NAMESPACED_RULES
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -53,6 +54,8 @@ NON_DEFAULT = {
         "policy.maxGpusPerJob=2",
         "--set",
         "policy.allowedNamespaces={team-a}",
+        "--set-string",
+        "policy.trainerEnv.NCCL_IB_HCA=mlx5_0\\,mlx5_1",
         "--set",
         "pollIntervalSeconds=10",
         "--set",
@@ -349,11 +352,13 @@ def test_operator_command_and_policy_env(render: Callable[..., list[Manifest]]) 
     assert env["FINETUNE_MAX_GPUS_PER_JOB"] == "8"
     assert env["FINETUNE_POLL_INTERVAL_SECONDS"] == "5"
     assert "FINETUNE_ALLOWED_NAMESPACES" not in env
+    assert "FINETUNE_TRAINER_ENV" not in env
     custom = _env(render(*NON_DEFAULT["namespaced"]))
     assert custom["FINETUNE_ALLOW_TRUST_REMOTE_CODE"] == "true"
     assert custom["FINETUNE_MAX_GPUS_PER_JOB"] == "2"
     assert custom["FINETUNE_ALLOWED_NAMESPACES"] == "team-a"
     assert custom["FINETUNE_POLL_INTERVAL_SECONDS"] == "10"
+    assert Policy.from_env(custom).trainer_env == {"NCCL_IB_HCA": "mlx5_0,mlx5_1"}
     assert custom["FINETUNE_METRICS_PORT"] == "9191"
     assert env["FINETUNE_METRICS_PORT"] == "9090"
     assert "--log-format=json" in _container(render(*NON_DEFAULT["namespaced"]))["args"]

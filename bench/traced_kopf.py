@@ -1,0 +1,60 @@
+"""`kopf` under tracemalloc, for `operator_bench.py --trace-memory`: on SIGUSR2 it writes the
+Python allocations still live to the JSON file named by FINETUNE_BENCH_TRACE_OUT (appending one
+snapshot per signal), each attributed to the innermost line of the operator or of kopf that led
+to it (a watch event's body parsed by json is charged to whoever keeps it alive: the place that
+called into the parser), else to the allocating line.
+
+    python bench/traced_kopf.py run --standalone -m finetune_operator.main
+
+Tracing costs CPU (every allocation is recorded), so a traced run's latencies are not
+comparable with an untraced one; its RSS includes the tracer's own bookkeeping.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import signal
+import sys
+import tracemalloc
+from collections import Counter
+from pathlib import Path
+from types import FrameType
+
+TOP = 25
+DEPTH = 30
+OURS = ("finetune_operator", f"{os.sep}kopf{os.sep}")
+
+
+def site(trace: tracemalloc.Trace) -> str:
+    """The innermost frame of the operator or kopf in a trace (else the allocating frame)."""
+    frames = list(trace.traceback)  # most recent first
+    chosen = next((f for f in frames if any(part in f.filename for part in OURS)), frames[0])
+    return f"{chosen.filename.rsplit('site-packages/', 1)[-1]}:{chosen.lineno}"
+
+
+def dump(_signum: int, _frame: FrameType | None) -> None:
+    """Append the biggest live allocation sites and the total to the trace file."""
+    snapshot = tracemalloc.take_snapshot().filter_traces(
+        [tracemalloc.Filter(False, tracemalloc.__file__)]
+    )
+    sizes: Counter[str] = Counter()
+    for trace in snapshot.traces:
+        sizes[site(trace)] += trace.size
+    out = Path(os.environ["FINETUNE_BENCH_TRACE_OUT"])
+    taken = json.loads(out.read_text()) if out.exists() else []
+    taken.append(
+        {
+            "total_bytes": sum(sizes.values()),
+            "top": [{"where": where, "bytes": size} for where, size in sizes.most_common(TOP)],
+        }
+    )
+    out.write_text(json.dumps(taken, indent=1))
+
+
+if __name__ == "__main__":
+    tracemalloc.start(DEPTH)
+    signal.signal(signal.SIGUSR2, dump)
+    sys.argv = ["kopf", *sys.argv[1:]]
+    runpy.run_module("kopf", run_name="__main__", alter_sys=True)
