@@ -365,13 +365,20 @@ async def run(args: argparse.Namespace, server: str, kubeconfig: Path | None) ->
     }
 
 
-def start_operator(cluster: Any, tmp: Path, src: Path | None) -> subprocess.Popen[bytes]:
-    """The real operator (`kopf run`) against the emulator; `src` overrides its package."""
+def start_operator(
+    cluster: Any, tmp: Path, src: Path | None, trace: Path | None
+) -> subprocess.Popen[bytes]:
+    """The real operator (`kopf run`) against the emulator; `src` overrides its package;
+    `trace`: under tracemalloc (bench/traced_kopf.py), snapshots written there on SIGUSR2."""
     env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig), "FINETUNE_METRICS_PORT": "0"}
     if src is not None:
         env["PYTHONPATH"] = os.pathsep.join([str(src.resolve()), env.get("PYTHONPATH", "")])
+    kopf = ["-m", "kopf"]
+    if trace is not None:
+        env["FINETUNE_BENCH_TRACE_OUT"] = str(trace)
+        kopf = [str(HERE / "traced_kopf.py")]
     log = (tmp / "operator.log").open("w")
-    command = [sys.executable, "-m", "kopf", "run", "--standalone", "--all-namespaces"]
+    command = [sys.executable, *kopf, "run", "--standalone", "--all-namespaces"]
     if os.environ.get("BENCH_VERBOSE"):
         command.append("--verbose")
     return subprocess.Popen(
@@ -380,6 +387,26 @@ def start_operator(cluster: Any, tmp: Path, src: Path | None) -> subprocess.Pope
         stdout=log,
         stderr=subprocess.STDOUT,
     )
+
+
+def trace_memory(proc: subprocess.Popen[bytes], trace: Path | None, when: str) -> None:
+    """Ask a traced operator for a snapshot of its live allocations and wait for it."""
+    if trace is None:
+        return
+    taken = len(json.loads(trace.read_text())) if trace.exists() else 0
+    proc.send_signal(signal.SIGUSR2)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        time.sleep(1)
+        try:
+            snapshots = json.loads(trace.read_text())
+        except (OSError, ValueError):
+            continue  # not written yet, or being written
+        if len(snapshots) > taken:
+            snapshots[-1]["when"] = when
+            trace.write_text(json.dumps(snapshots, indent=1))
+            return
+    raise RuntimeError(f"no memory snapshot from the operator ({when})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -413,12 +440,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--operator-src", type=Path, help="run the finetune_operator package found in this folder"
     )
+    p.add_argument(
+        "--trace-memory",
+        action="store_true",
+        help="run the operator under tracemalloc and report where its live memory is held "
+        "(slows the operator: latencies are not comparable)",
+    )
     p.add_argument("--out", type=Path, help="write results as JSON here")
     args = p.parse_args(argv)
 
     if args.server:  # a real cluster: latencies only (the operator runs in the cluster)
-        if args.pods or args.waves > 1 or args.operator_src:
-            p.error("--pods, --waves and --operator-src are for the emulator, not --server")
+        if args.pods or args.waves > 1 or args.operator_src or args.trace_memory:
+            p.error("--pods, --waves, --operator-src, --trace-memory: the emulator only")
         server = args.server.rstrip("/")
         result = asyncio.run(run(args, server, None))
         if args.cleanup:
@@ -429,8 +462,9 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="opbench-"))
     cluster = start_emulator(tmp)
     waves: list[dict[str, Any]] = []
+    trace = tmp / "memory-trace.json" if args.trace_memory else None
     with cluster:
-        proc = start_operator(cluster, tmp, args.operator_src)
+        proc = start_operator(cluster, tmp, args.operator_src, trace)
         try:
             # ready = the operator has reconciled one FineTuneJob
             ready_started = time.monotonic()
@@ -448,6 +482,7 @@ def main(argv: list[str] | None = None) -> int:
                 time.sleep(args.quiet_seconds)
                 quiet = snapshot(cluster)
                 stats = _proc_stats(proc.pid)
+                trace_memory(proc, trace, f"wave {wave + 1}: {args.n} live")
                 wave_result.update(
                     operator_rss_live_bytes=stats["rss_bytes"],
                     operator_peak_rss_bytes=stats["peak_rss_bytes"],
@@ -461,6 +496,7 @@ def main(argv: list[str] | None = None) -> int:
                     wave_result["operator_rss_after_delete_bytes"] = _proc_stats(proc.pid)[
                         "rss_bytes"
                     ]
+                    trace_memory(proc, trace, f"wave {wave + 1}: deleted")
                 waves.append(wave_result)
         finally:
             proc.send_signal(signal.SIGINT)
@@ -506,6 +542,7 @@ def main(argv: list[str] | None = None) -> int:
         pods=args.pods,
         served_objects=args.served_objects,
         operator_src=str(args.operator_src or ""),
+        memory_trace=json.loads(trace.read_text()) if trace is not None else None,
         cpus=os.cpu_count(),
         load_avg=os.getloadavg(),
     )
