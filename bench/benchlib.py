@@ -1,4 +1,5 @@
-"""Pure helpers shared by the benchmarks (no torch import): data shapes, FLOPs, statistics.
+"""Pure helpers shared by the benchmarks (no torch import): data shapes, statistics; model
+shapes and FLOPs come from `finetune_trainer.planning`.
 
 Kept import-light so `tests/unit/test_bench.py` can check them quickly.
 """
@@ -9,67 +10,12 @@ import math
 import random
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass
 
-# Peak dense bf16 tensor throughput (FLOP/s) by device name fragment, for MFU.
-PEAK_BF16_FLOPS = {
-    "H200": 989.4e12,
-    "H100 PCIe": 756.0e12,
-    "H100": 989.4e12,  # SXM / HBM3
-    "A100": 312.0e12,
-    "L40S": 362.05e12,
-    "L4": 121.0e12,
-}
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """The dimensions of a decoder-only transformer (Llama family)."""
-
-    name: str
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    kv_heads: int
-    vocab: int
-    tied: bool
-    head_dim: int | None = None
-    rope_theta: float = 10000.0
-
-    @property
-    def dim_head(self) -> int:
-        return self.head_dim or self.hidden // self.heads
-
-    def linear_params(self) -> int:
-        """Parameters of every matmul a token passes through: attention, MLP and the LM head
-        (the embedding lookup is not a matmul; a tied head still costs its matmul)."""
-        d, hd = self.hidden, self.dim_head
-        attn = d * self.heads * hd * 2 + d * self.kv_heads * hd * 2  # q, o ; k, v
-        mlp = 3 * d * self.intermediate  # gate, up, down
-        return self.layers * (attn + mlp) + d * self.vocab
-
-    def total_params(self) -> int:
-        """All parameters (embeddings, norms, head unless tied)."""
-        norms = (2 * self.layers + 1) * self.hidden
-        embed = self.vocab * self.hidden
-        head = 0 if self.tied else self.vocab * self.hidden
-        return self.linear_params() - self.hidden * self.vocab + embed + head + norms
-
-    def lora_params(self, r: int, modules: Sequence[str]) -> int:
-        """Trainable LoRA parameters for rank r on the named projections of every layer."""
-        d, hd = self.hidden, self.dim_head
-        shapes = {
-            "q_proj": (d, self.heads * hd),
-            "k_proj": (d, self.kv_heads * hd),
-            "v_proj": (d, self.kv_heads * hd),
-            "o_proj": (self.heads * hd, d),
-            "gate_proj": (d, self.intermediate),
-            "up_proj": (d, self.intermediate),
-            "down_proj": (self.intermediate, d),
-        }
-        return self.layers * sum(r * (shapes[m][0] + shapes[m][1]) for m in modules)
-
+# The model's shape, FLOPs and GPU peaks live in the trainer package (the planner uses them).
+from finetune_trainer.planning.flops import training_flops as training_flops
+from finetune_trainer.planning.gpus import PEAK_BF16_FLOPS as PEAK_BF16_FLOPS
+from finetune_trainer.planning.gpus import peak_flops as peak_flops
+from finetune_trainer.planning.shape import ModelShape
 
 SHAPES = {
     # the 2-layer test model of tests/conftest.py, with a 512-token vocabulary
@@ -86,35 +32,6 @@ SHAPES = {
         "llama-3.1-8b", 4096, 14336, 32, 32, 8, 128256, tied=False, head_dim=128, rope_theta=5e5
     ),
 }
-
-
-def training_flops(
-    shape: ModelShape, lengths: Sequence[int], method: str, lora_params: int
-) -> float:
-    """Model FLOPs of one training pass over examples of the given real lengths.
-
-    Per token: 6·N for a full fine-tune (forward 2N, backward 4N), 4·N for a frozen base
-    (LoRA/QLoRA: forward 2N plus the activation gradients 2N; no weight gradients), plus 6·P for
-    the P trainable adapter parameters. N counts every matmul parameter a token meets
-    (attention and MLP projections and the LM head). Attention scores and values add, per
-    example of length s and per layer, 2·s²·(heads·head_dim) forward FLOPs (causal: half of
-    the 4·s²·d of a full square), times 3 for forward plus backward. Padding, recomputation
-    (gradient checkpointing) and masked-out attention blocks are not counted: only useful work.
-    """
-    n = shape.linear_params()
-    per_token = 6 * n if method == "full" else 4 * n + 6 * lora_params
-    attn_dim = shape.heads * shape.dim_head
-    tokens = sum(lengths)
-    attention = sum(3 * 2 * shape.layers * attn_dim * s * s for s in lengths)
-    return float(per_token * tokens + attention)
-
-
-def peak_flops(device_name: str) -> float | None:
-    """Dense bf16 peak of a GPU by name (None when unknown)."""
-    for key, value in PEAK_BF16_FLOPS.items():
-        if key.lower() in device_name.lower():
-            return value
-    return None
 
 
 def sample_lengths(

@@ -351,6 +351,153 @@ def validate(file: FileArg, set_: SetOpt = None, debug: DebugOpt = False) -> Non
         )
 
 
+def _gpu_memory_option(value: str | None) -> int | None:
+    """Typer callback: --gpu-memory as bytes."""
+    if value is None:
+        return None
+    from finetune_trainer.planning.gpus import parse_memory
+
+    try:
+        return parse_memory(value)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+def _gpu_type_option(value: str | None) -> Any:
+    """Typer callback: --gpu-type as a known GPU type."""
+    if value is None:
+        return None
+    from finetune_trainer.planning.gpus import GPU_TYPES, gpu_type
+
+    found = gpu_type(value)
+    if found is None:
+        known = ", ".join(g.name for g in GPU_TYPES)
+        raise typer.BadParameter(f"{value!r} is not a known GPU type ({known}); or --gpu-memory")
+    return found
+
+
+def _plan_tables(plan: dict[str, Any]) -> list[Table]:
+    """The plan as tables: summary, memory breakdown, advice."""
+    run, mem, time, target = plan["run"], plan["memory"], plan["time"], plan["target"]
+    model = plan["model"]
+    gpu = target["gpuType"] or ("GPU" if target["gpus"] else "CPU worker")
+    fits = {True: "[green]fits[/green]", False: "[red]does not fit[/red]", None: "unknown"}
+    summary = Table(title=f"finetune plan: {plan['name']} (an estimate)", show_header=False)
+    summary.add_column(style="bold")
+    summary.add_column()
+
+    def span(pair: list[float] | None, fmt: str) -> str | None:
+        return f"{fmt.format(pair[0])} - {fmt.format(pair[1])}" if pair else None
+
+    seconds = time["expectedSeconds"]
+    rows = (
+        ("model", f"{model['source']} ({model['totalParams']:,} parameters)"),
+        ("trainable", f"{model['trainableParams']:,} ({run['method']})"),
+        (
+            "target",
+            f"{target['worldSize']} x {gpu}"
+            + (f" ({target['gpuMemoryGiB']} GiB)" if target["gpuMemoryGiB"] else ""),
+        ),
+        (
+            "setup",
+            f"batch {run['batchSize']} ({run['batchSizeFrom']}), maxSeqLength "
+            f"{run['maxSeqLength']}, {run['precision']}, checkpointing "
+            f"{'on' if run['gradientCheckpointing'] else 'off'}, {run['strategy']}",
+        ),
+        ("peak per GPU", f"{mem['peakGiBPerGpu']} GiB: {fits[mem['fits']]}"),
+        ("worst-case batch", f"{mem['worstCaseTokens']:,} tokens in {mem['rows']} row(s)"),
+        ("data", f"{plan['data']['examples']:,} examples, {plan['data']['tokens']:,} tokens"
+         if plan["data"] else None),
+        ("steps", f"{time['steps']:,}" if time["steps"] else None),
+        ("trained tokens", f"{time['trainedTokens']:,}" if time["trainedTokens"] else None),
+        ("duration", span([s / 3600 for s in seconds], "{:.2f}") + " h" if seconds else None),
+        ("GPU-hours", span(time["gpuHours"], "{:.2f}")),
+        ("cost", span(time["cost"], "{:.2f}")),
+    )
+    for key, value in rows:
+        if value is not None:
+            summary.add_row(key, value)
+    breakdown = Table(title="memory per GPU (GiB)")
+    breakdown.add_column("part")
+    breakdown.add_column("GiB", justify="right")
+    for part, gib in mem["breakdownGiB"].items():
+        breakdown.add_row(part, f"{gib:.2f}")
+    breakdown.add_row("[bold]total[/bold]", f"[bold]{mem['peakGiBPerGpu']:.2f}[/bold]")
+    advice = Table(title=f"advice (fewest {gpu}s that fit, per method)", show_header=False)
+    advice.add_column()
+    adv = plan["advice"]
+    for option in adv["options"]:
+        advice.add_row(Text(option["text"]))
+    for key in ("smallest", "fastest"):
+        if adv[key]:
+            advice.add_row(Text(f"{key}: {adv[key]['text']}"))
+    for note in adv["notes"] + plan["notes"]:
+        advice.add_row(Text(f"note: {note}", style="dim"))
+    return [summary, breakdown, advice]
+
+
+@app.command(epilog=EXIT_CODES)
+def plan(
+    file: FileArg,
+    gpu_memory: Annotated[
+        str | None,
+        typer.Option(
+            "--gpu-memory",
+            help="Memory of each GPU (80Gi, 24GB); default: from --gpu-type or resources.gpuType.",
+        ),
+    ] = None,
+    gpu_type: Annotated[
+        str | None,
+        typer.Option("--gpu-type", help="GPU type (H100, H200, A100, A100-40GB, L40S, L4, ...)."),
+    ] = None,
+    price: Annotated[
+        float | None,
+        typer.Option("--price-per-gpu-hour", min=0.0, help="Price of one GPU-hour, for a cost."),
+    ] = None,
+    output: Annotated[
+        str, typer.Option("--output", "-o", help="table or json.", case_sensitive=False)
+    ] = "table",
+    set_: SetOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Estimate per-GPU memory, fit, duration and cost of a run, and advise what fits.
+
+    Reads only the model's config (config.json; a .gguf file's header; from the Hub only
+    config.json), counts the dataset's tokens when it and the tokenizer are here, and never
+    loads weights. Everything is an estimate: the worst case for memory, a range for time.
+    """
+    import json
+
+    if output not in ("table", "json"):
+        raise typer.BadParameter("--output: table or json")
+    memory = _gpu_memory_option(gpu_memory)
+    gpu = _gpu_type_option(gpu_type)
+    _logging(False, debug)
+    with reported(debug):
+        name, run_config = _load(file, set_)
+        _quiet_libraries()
+        from finetune_trainer.manifest import read_document
+        from finetune_trainer.planning.report import build, placement_of
+
+        placement = placement_of(read_document(file))
+        with console.status("planning"):
+            result = build(
+                name,
+                run_config,
+                placement,
+                gpu_memory=memory,
+                gpu=gpu,
+                price=price,
+                cache_dir=Path.cwd() / ".finetune-cache",
+            )
+    if output == "json":
+        print(json.dumps(result, indent=1))
+        return
+    out = Console()
+    for table in _plan_tables(result):
+        out.print(table)
+
+
 def _load_plugins() -> None:
     for ep in entry_points(group="finetune.cli"):
         try:

@@ -94,6 +94,27 @@ class CheckpointInfo(WireModel):
     )
 
 
+class Estimate(WireModel):
+    """What the trainer estimated before loading any weights (finetune_trainer.planning):
+    the worst-case per-GPU peak memory, whether it fits this GPU, and the expected duration
+    (a range from the trainer's measured throughput; absent when the GPU type is unknown)."""
+
+    peak_gib_per_gpu: float = Field(ge=0, description="Worst-case peak memory per GPU (GiB).")
+    gpu_gib: float | None = Field(default=None, ge=0, description="Memory of this run's GPU.")
+    fits: bool | None = Field(default=None, description="The worst case fits the GPU.")
+    batch_size: int | None = Field(default=None, ge=1, description="Per-GPU batch planned.")
+    gradient_checkpointing: bool | None = None
+    worst_case_tokens: int | None = Field(
+        default=None, ge=0, description="Tokens of the largest micro-batch assumed."
+    )
+    total_steps: int | None = Field(default=None, ge=0)
+    expected_seconds_min: float | None = Field(default=None, ge=0)
+    expected_seconds_max: float | None = Field(default=None, ge=0)
+    gpu_hours_max: float | None = Field(
+        default=None, ge=0, description="GPU-hours at the slow end of the range."
+    )
+
+
 class Progress(WireModel):
     """`GET /progress`: a live snapshot of the run."""
 
@@ -110,6 +131,7 @@ class Progress(WireModel):
     eta_seconds: float | None = None
     trained_tokens: int | None = None
     checkpoints: list[CheckpointInfo] = Field(default_factory=list)
+    estimate: Estimate | None = None
     updated_at: datetime = Field(default_factory=utcnow)
 
 

@@ -50,23 +50,28 @@ def training_state_bytes(run: RunConfig, params: int) -> int:
 
 
 def resolve(run: RunConfig, rank: Rank, params: int, gpu_memory: int | None) -> Strategy:
-    """The strategy for this run: one process; else the spec's choice; `auto` is FSDP when a
-    full fine-tune's training state (16 bytes/parameter) would take more than 60 % of the
-    GPU (`gpu_memory` bytes; None on CPU, where auto is DDP), else DDP."""
-    if not rank.is_distributed:
+    """The strategy for this run (see `choose`), for this worker's group."""
+    return choose(run, rank.world_size if rank.is_distributed else 1, params, gpu_memory)
+
+
+def choose(run: RunConfig, world_size: int, params: int, gpu_memory: int | None) -> Strategy:
+    """The strategy for `world_size` workers: one process; else the spec's choice; `auto` is
+    FSDP when a full fine-tune's training state (16 bytes/parameter) would take more than 60 %
+    of the GPU (`gpu_memory` bytes; None on CPU, where auto is DDP), else DDP."""
+    if world_size <= 1:
         return Strategy("single")
     chosen = run.training.distributed.strategy
     if chosen != "auto":
-        return Strategy(chosen, rank.world_size, f"training.distributed.strategy: {chosen}")
+        return Strategy(chosen, world_size, f"training.distributed.strategy: {chosen}")
     state = training_state_bytes(run, params)
     if gpu_memory is not None and state > AUTO_FSDP_SHARE * gpu_memory:
         return Strategy(
             "fsdp",
-            rank.world_size,
+            world_size,
             f"auto: the training state ({state / 2**30:.1f} GiB) does not fit one GPU "
             f"({gpu_memory / 2**30:.1f} GiB)",
         )
-    return Strategy("ddp", rank.world_size, "auto: the model and its training state fit one GPU")
+    return Strategy("ddp", world_size, "auto: the model and its training state fit one GPU")
 
 
 def _layers_to_wrap(model: Any) -> list[str]:

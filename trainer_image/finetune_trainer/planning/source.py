@@ -61,9 +61,13 @@ def locate_config(spec: ModelSpec, cache_dir: Path) -> LocalModel:
 
 def load_config(spec: ModelSpec, cache_dir: Path) -> Any:
     """The transformers config of the run's model (a GGUF file: from its header only)."""
+    return read_config(locate_config(spec, cache_dir), spec)
+
+
+def read_config(local: LocalModel, spec: ModelSpec) -> Any:
+    """The transformers config of a model on local disk (a GGUF file: its header only)."""
     from transformers import AutoConfig
 
-    local = locate_config(spec, cache_dir)
     try:
         return AutoConfig.from_pretrained(
             local.path, gguf_file=local.gguf_file, trust_remote_code=spec.trust_remote_code

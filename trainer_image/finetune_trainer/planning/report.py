@@ -1,0 +1,221 @@
+"""`finetune plan`: one run's plan as a JSON-ready dict, and its rendering as tables."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from finetune_trainer import storage
+from finetune_trainer.config import RunConfig
+from finetune_trainer.planning.gpus import GIB, GPU_TYPES, MFU_RANGE, GpuType, parse_memory
+from finetune_trainer.planning.plan import (
+    Advice,
+    Data,
+    ModelFacts,
+    Option,
+    Resolved,
+    Target,
+    Timing,
+    advise,
+    data_of,
+    describe_parts,
+    precision,
+    resolve,
+    timing,
+)
+
+log = logging.getLogger(__name__)
+DEFAULT_GPU = next(g for g in GPU_TYPES if g.name == "H100")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the manifest (or the command line) asks the run to train."""
+
+    gpus: int = 1
+    nodes: int = 1
+    gpu_type: str | None = None
+    memory: str | None = None  # the pod's memory (a CPU run's limit)
+
+
+def placement_of(doc: dict[str, Any]) -> Placement:
+    """resources.{gpus,nodes,gpuType,memory} of a FineTuneJob document (defaults else)."""
+    spec = doc.get("spec") if doc.get("kind") else None
+    res = (spec or {}).get("resources") or {}
+    return Placement(
+        gpus=int(res.get("gpus", 1)),
+        nodes=int(res.get("nodes", 1)),
+        gpu_type=res.get("gpuType"),
+        memory=str(res["memory"]) if res.get("memory") is not None else None,
+    )
+
+
+def target_for(
+    placement: Placement,
+    gpu_memory: int | None,
+    gpu: GpuType | None,
+    price: float | None,
+) -> tuple[Target, list[str]]:
+    """The target the plan is made for, and notes on what was assumed."""
+    notes = []
+    if placement.gpus == 0:
+        memory = parse_memory(placement.memory) if placement.memory else gpu_memory
+        return Target(0, placement.nodes, memory, None, price), notes
+    if gpu is None and placement.gpu_type:
+        from finetune_trainer.planning.gpus import gpu_type
+
+        gpu = gpu_type(placement.gpu_type)
+        if gpu is None:
+            notes.append(f"resources.gpuType {placement.gpu_type!r} is not a GPU type known here")
+    if gpu is None and gpu_memory is None:
+        gpu = DEFAULT_GPU
+        notes.append("no GPU type or memory given: planned for an NVIDIA H100 80GB")
+    memory = gpu_memory if gpu_memory is not None else (gpu.memory if gpu else None)
+    if gpu is None:
+        notes.append("GPU type unknown: no duration (give --gpu-type for one)")
+    return Target(placement.gpus, placement.nodes, memory, gpu, price), notes
+
+
+def dataset_is_here(run: RunConfig) -> bool:
+    """Whether the training data can be read on this machine (inline, or a local file)."""
+    d = run.dataset
+    if d.inline is not None:
+        return True
+    if d.source is None or not storage.is_local(d.source):
+        return False
+    try:
+        return Path(storage.resolve(d.source)).exists()
+    except storage.StorageError:
+        return False
+
+
+def count_data(run: RunConfig, cache_dir: Path) -> tuple[Data | None, int, str | None]:
+    """The training split's exact token lengths (the validator's, with the model's tokenizer)
+    and the number of labels; None and why when the data or tokenizer is not available here."""
+    from finetune_trainer.models import fetch_model
+    from finetune_trainer.runner import prepare_data
+
+    if not storage.is_local(run.model.source):
+        return None, 2, "dataset not counted: the tokenizer of a hub or remote model is not fetched"
+    if not dataset_is_here(run):
+        return None, 2, f"dataset not counted: {run.dataset.source} is not readable here"
+    _, prepared = prepare_data(run, fetch_model(run.model, cache_dir))
+    lengths = [len(ids) for ids in prepared.train["input_ids"]]
+    return data_of(lengths), len(prepared.label_names or ()) or 2, None
+
+
+def _pair(values: tuple[float, float] | None, digits: int = 2) -> list[float] | None:
+    return [round(v, digits) for v in values] if values else None
+
+
+def _option(option: Option | None) -> dict[str, Any] | None:
+    if option is None:
+        return None
+    return {
+        "method": option.method,
+        "gpus": option.gpus,
+        "strategy": option.strategy,
+        "gradientCheckpointing": option.gradient_checkpointing,
+        "batchSize": option.batch_size,
+        "peakGiBPerGpu": round(option.peak_bytes / GIB, 2),
+        "expectedSeconds": _pair(option.seconds, 0),
+        "text": option.describe(),
+    }
+
+
+def as_dict(
+    name: str,
+    run: RunConfig,
+    facts: ModelFacts,
+    target: Target,
+    data: Data | None,
+    resolved: Resolved,
+    time: Timing,
+    advice: Advice,
+    notes: list[str],
+) -> dict[str, Any]:
+    """The plan as JSON-ready camelCase data (`--output json`)."""
+    shape, params = facts.shape, facts.params
+    mem = resolved.memory
+    return {
+        "name": name,
+        "model": {
+            "source": run.model.source,
+            "layers": shape.layers,
+            "hidden": shape.hidden,
+            "vocab": shape.vocab,
+            "totalParams": params.total,
+            "trainableParams": params.trainable,
+        },
+        "target": {
+            "gpus": target.gpus,
+            "nodes": target.nodes,
+            "worldSize": target.world_size,
+            "gpuType": target.gpu.name if target.gpu else None,
+            "gpuMemoryGiB": round(target.memory / GIB, 2) if target.memory else None,
+        },
+        "run": {
+            "method": run.method.type,
+            "precision": precision(run, target),
+            "batchSize": resolved.batch_size,
+            "batchSizeFrom": "spec" if run.training.batch_size != "auto" else "estimate",
+            "gradientCheckpointing": resolved.gradient_checkpointing,
+            "maxSeqLength": run.dataset.max_seq_length,
+            "strategy": resolved.strategy.kind,
+        },
+        "memory": {
+            "worstCaseTokens": mem.tokens,
+            "rows": mem.rows,
+            "breakdownGiB": describe_parts(mem),
+            "allocatedGiB": round(mem.allocated / GIB, 2),
+            "peakGiBPerGpu": round(mem.total / GIB, 2),
+            "fits": resolved.fits,
+        },
+        "data": {"examples": data.examples, "tokens": data.tokens} if data else None,
+        "time": {
+            "steps": time.steps,
+            "epochs": round(time.epochs, 3) if time.epochs is not None else None,
+            "trainedTokens": time.trained_tokens,
+            "expectedSeconds": _pair(time.seconds, 0),
+            "gpuHours": _pair(time.gpu_hours, 3),
+            "cost": _pair(time.cost, 2),
+            "assumption": f"model FLOPs at {MFU_RANGE[0]:.0%}-{MFU_RANGE[1]:.0%} MFU "
+            "(the trainer's measured range); an estimate",
+        },
+        "advice": {
+            "options": [_option(o) for o in advice.options],
+            "smallest": _option(advice.smallest),
+            "fastest": _option(advice.fastest),
+            "notes": advice.notes,
+        },
+        "notes": notes,
+    }
+
+
+def build(
+    name: str,
+    run: RunConfig,
+    placement: Placement,
+    *,
+    gpu_memory: int | None = None,
+    gpu: GpuType | None = None,
+    price: float | None = None,
+    cache_dir: Path,
+) -> dict[str, Any]:
+    """Plan `run`: read the model's config (no weights) and count the data when it is here."""
+    from finetune_trainer.planning.facts import method_facts
+    from finetune_trainer.planning.source import load_config
+
+    target, notes = target_for(placement, gpu_memory, gpu, price)
+    data, labels, why = count_data(run, cache_dir)
+    if why:
+        notes.append(why)
+    config = load_config(run.model, cache_dir)
+    methods = method_facts(config, run, num_labels=labels)
+    facts = methods[run.method.type]
+    resolved = resolve(run, facts, target, data)
+    time = timing(run, facts, target, data, resolved.batch_size)
+    advice = advise(run, methods, target, data)
+    return as_dict(name, run, facts, target, data, resolved, time, advice, notes)
