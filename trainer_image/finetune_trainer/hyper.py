@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from finetune_trainer.config import RunConfig
+
+if TYPE_CHECKING:
+    from finetune_trainer.planning.plan import Resolved as Planned
 
 Precision = Literal["bf16", "fp16", "fp32"]
 
@@ -70,10 +73,14 @@ class Resolved:
     batch_size: int | None  # None: probe on GPU once the model is loaded
     precision: Precision
     gradient_checkpointing: bool
+    probe_start: int = GPU_AUTO_BATCH_START  # the probe's first batch size (from the estimate)
 
 
-def resolve(run: RunConfig, n_train: int, device: str, model_params: int | None = None) -> Resolved:
-    """Resolve every `auto` that does not need the loaded model."""
+def resolve(
+    run: RunConfig, n_train: int, device: str, planned: Planned | None = None
+) -> Resolved:
+    """Resolve every `auto` that does not need the loaded model; `planned` is the memory
+    estimate's resolution (finetune_trainer.planning) for this run on this GPU."""
     t = run.training
     epochs = float(auto_epochs(n_train) if t.epochs == "auto" else t.epochs)
     lr = (
@@ -86,9 +93,9 @@ def resolve(run: RunConfig, n_train: int, device: str, model_params: int | None 
     else:
         batch = min(CPU_AUTO_BATCH, max(n_train, 1))
     if t.gradient_checkpointing == "auto":
-        # On GPU, recompute activations for models of 3B+ parameters, where activations of a
-        # useful batch no longer fit beside the weights; never on CPU (it only costs time).
-        checkpointing = device == "cuda" and (model_params or 0) >= 3_000_000_000
+        # On GPU, recompute activations exactly when the estimate says the batch does not fit
+        # without; never on CPU (it only costs time there).
+        checkpointing = device == "cuda" and planned is not None and planned.gradient_checkpointing
     else:
         checkpointing = bool(t.gradient_checkpointing)
     return Resolved(
@@ -100,4 +107,5 @@ def resolve(run: RunConfig, n_train: int, device: str, model_params: int | None 
         if run.method.type in ("prefix", "prompt")
         else resolve_precision(t.precision, device),
         gradient_checkpointing=checkpointing,
+        probe_start=min(planned.batch_size if planned else GPU_AUTO_BATCH_START, max(n_train, 1)),
     )

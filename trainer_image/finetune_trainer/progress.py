@@ -27,6 +27,7 @@ ENV_MASTER_ADDR = "PET_MASTER_ADDR"  # pod 0's DNS name: where the launchers mee
 ENV_MASTER_PORT = "PET_MASTER_PORT"  # and its port
 ENV_RDZV_TIMEOUT = "FINETUNE_RDZV_TIMEOUT_SECONDS"  # how long pod 0 waits for the others
 ENV_SHUTDOWN_TIMEOUT = "FINETUNE_SHUTDOWN_TIMEOUT_SECONDS"  # workers' time to save on a stop
+ENV_MAX_GPU_HOURS = "FINETUNE_MAX_GPU_HOURS"  # the platform's cap on a job's estimated GPU-hours
 
 CONFIG_PATH = "/etc/finetune/config.json"
 PROGRESS_PORT = 8080

@@ -15,8 +15,8 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +55,16 @@ from finetune_trainer.outputs import (
     write_metrics,
     write_model_card,
 )
-from finetune_trainer.progress import CheckpointInfo, Outcome, Phase, Summary
+from finetune_trainer.planning.plan import ModelFacts, Target
+from finetune_trainer.planning.plan import Resolved as Planned
+from finetune_trainer.progress import (
+    ENV_MAX_GPU_HOURS,
+    CheckpointInfo,
+    Estimate,
+    Outcome,
+    Phase,
+    Summary,
+)
 from finetune_trainer.strategy import Strategy
 from finetune_trainer.strategy import resolve as resolve_strategy
 from finetune_trainer.strategy import training_arguments as strategy_arguments
@@ -102,7 +111,8 @@ def _local_output(run: RunConfig, ctx: RunContext) -> Path:
     return path
 
 
-def _load_dtype(run: RunConfig, precision: str) -> Any:
+def load_dtype(run: RunConfig, precision: str) -> Any:
+    """The dtype the base model is loaded in for a training precision."""
     if run.model.dtype != "auto":
         return torch_dtype(run.model.dtype)
     if precision == "bf16":
@@ -434,24 +444,123 @@ def _check_same_run(
         raise InvalidInputError(str(exc)) from exc
 
 
+@dataclass(frozen=True)
+class PlannedRun:
+    """The estimate of a run on this machine, made before any weights are loaded."""
+
+    resolved: Planned
+    target: Target
+    facts: ModelFacts
+    estimate: Estimate
+
+
+def _gpu(local_rank: int) -> tuple[int, str]:
+    """Total memory (bytes) and name of this worker's GPU."""
+    import torch
+
+    return int(torch.cuda.mem_get_info(local_rank)[1]), torch.cuda.get_device_name(local_rank)
+
+
+def plan_training(
+    run: RunConfig,
+    config: Any,
+    lengths: list[int],
+    device: str,
+    rank: Rank | None = None,
+    num_labels: int = 2,
+) -> PlannedRun:
+    """Estimate the run from the model's config and the data's token lengths: per-GPU peak
+    memory, whether it fits this worker's GPU, batch size and checkpointing for `auto`, steps
+    and duration (finetune_trainer.planning)."""
+    from finetune_trainer.planning.facts import model_facts
+    from finetune_trainer.planning.gpus import gpu_type
+    from finetune_trainer.planning.plan import data_of, resolve, timing, to_estimate
+
+    rank = rank or Rank()
+    facts = model_facts(config, run, num_labels)
+    if device == "cuda":
+        memory, name = _gpu(rank.local_rank)
+        target = Target(rank.local_world_size, rank.world_size // rank.local_world_size, memory)
+        target = replace(target, gpu=gpu_type(name))
+    else:
+        target = Target(0, rank.world_size)
+    data = data_of(lengths)
+    resolved = resolve(run, facts, target, data)
+    estimate = to_estimate(resolved, target, timing(run, facts, target, data, resolved.batch_size))
+    return PlannedRun(resolved, target, facts, estimate)
+
+
+def check_plan(run: RunConfig, config: Any, planned: PlannedRun, lengths: list[int]) -> None:
+    """Refuse (InvalidInputError) a run whose worst case does not fit this GPU, naming what
+    would, or whose expected GPU-hours exceed the platform's cap ($FINETUNE_MAX_GPU_HOURS)."""
+    est = planned.estimate
+    if planned.resolved.fits is False:
+        from finetune_trainer.planning.facts import method_facts
+        from finetune_trainer.planning.plan import advise, data_of
+
+        advice = advise(run, method_facts(config, run), planned.target, data_of(lengths))
+        fitting = "; ".join(o.describe() for o in advice.options) or "none of full, lora, qlora"
+        raise InvalidInputError(
+            f"does not fit: the run needs about {est.peak_gib_per_gpu:.1f} GiB per GPU in the "
+            f"worst case (batch {est.batch_size}, {est.worst_case_tokens} tokens, "
+            f"checkpointing {'on' if est.gradient_checkpointing else 'off'}) and this GPU has "
+            f"{est.gpu_gib:.1f} GiB; what fits GPUs like it: {fitting} "
+            "(see finetune plan; lower training.batchSize or dataset.maxSeqLength, or turn "
+            "training.gradientCheckpointing on)"
+        )
+    cap = os.environ.get(ENV_MAX_GPU_HOURS)
+    if cap and est.gpu_hours_max is not None and est.gpu_hours_max > float(cap):
+        raise InvalidInputError(
+            f"over the platform's cap: the run is expected to take up to "
+            f"{est.gpu_hours_max:.1f} GPU-hours and the cap per job is {float(cap):g}; "
+            "train on less data (training.maxSteps, epochs) or ask the platform team"
+        )
+
+
+def training_setup(
+    run: RunConfig,
+    planned: PlannedRun | None,
+    n_train: int,
+    device: str,
+    load: Callable[[Any], Any],
+) -> tuple[Any, hyper.Resolved]:
+    """Resolve the hyperparameters (from the estimate), load the base model with `load(dtype)`,
+    turn on gradient checkpointing and apply the method: the model to train, as production
+    and the benchmark build it."""
+    hp = hyper.resolve(run, n_train, device, planned.resolved if planned else None)
+    model = load(load_dtype(run, hp.precision))
+    if hp.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model = apply_method(run, model, gradient_checkpointing=hp.gradient_checkpointing)
+    return model, hp
+
+
 def _load_model(run: RunConfig, ctx: RunContext, data: _Data) -> _Model:
-    """Seed, load the base model, apply the method and settle the batch size."""
+    """Estimate, seed, load the base model, apply the method and settle the batch size."""
     from transformers import set_seed
 
+    from finetune_trainer.planning.source import read_config
+
     device = _device()
-    hp = hyper.resolve(run, len(data.prepared.train), device)
+    lengths = [len(ids) for ids in data.prepared.train["input_ids"]]
+    labels = len(data.prepared.label_names or ()) or 2
+    ctx.tracker.phase(Phase.LOADING_MODEL, f"estimating memory and time; {data.model.description}")
+    try:
+        config = read_config(data.model, run.model)
+        planned = plan_training(run, config, lengths, device, ctx.rank, labels)
+    except ModelLoadError as exc:
+        raise InvalidInputError(str(exc)) from exc
+    ctx.tracker.update(estimate=planned.estimate)
+    log.info("estimate: %s", planned.estimate.to_json())
+    check_plan(run, config, planned, lengths)
     ctx.tracker.phase(Phase.LOADING_MODEL, data.model.description)
     set_seed(run.training.seed)  # the new head and the adapter start from the seed's weights
+
+    def load(dtype: Any) -> Any:
+        return load_model(data.model, run, dtype=dtype, label_names=data.prepared.label_names)
+
     try:
-        model = load_model(
-            data.model,
-            run,
-            dtype=_load_dtype(run, hp.precision),
-            label_names=data.prepared.label_names,
-        )
-        if hp.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
-        model = apply_method(run, model, gradient_checkpointing=hp.gradient_checkpointing)
+        model, hp = training_setup(run, planned, len(lengths), device, load)
     except (ModelLoadError, MethodError, ConfigError) as exc:
         raise InvalidInputError(str(exc)) from exc
     params = count_parameters(model)
@@ -463,8 +572,7 @@ def _load_model(run: RunConfig, ctx: RunContext, data: _Data) -> _Model:
     if batch_size is None:
         if device == "cuda" and next(model.parameters()).device.type != "cuda":
             model.to(f"cuda:{ctx.rank.local_rank}")  # k-bit models are placed (refuse .to)
-        start = min(hyper.GPU_AUTO_BATCH_START, len(data.prepared.train))
-        batch_size = hyper.probe_batch_size(model, run.dataset.max_seq_length, start)
+        batch_size = hyper.probe_batch_size(model, run.dataset.max_seq_length, hp.probe_start)
     batch_size = smallest(batch_size)  # what every GPU of the run can hold
     if hp.batch_size is None:
         log.info("auto batch size: %d per worker", batch_size)
@@ -707,6 +815,36 @@ def execute(run: RunConfig, ctx: RunContext) -> Summary:
         raise error from exc
 
 
+def build_trainer(
+    run: RunConfig,
+    model: Any,
+    tokenizer: Any,
+    prepared: Any,
+    hp: hyper.Resolved,
+    batch_size: int,
+    out_dir: Path,
+    device: str,
+    callbacks: list[Any],
+    strategy: Strategy | None = None,
+    rank: Rank | None = None,
+) -> Any:
+    """The Trainer of a run (TRL's SFTTrainer for causal LM): its arguments for one process
+    plus what the strategy adds, as production and the benchmark build it."""
+    has_eval = prepared.eval is not None
+    args = _training_args(run, hp, batch_size, out_dir, has_eval, device)
+    args.update(
+        strategy_arguments(
+            run,
+            strategy or Strategy("single"),
+            rank or Rank(),
+            model,
+            device,
+            hp.gradient_checkpointing,
+        )
+    )
+    return _build_trainer(run, model, tokenizer, prepared, args, callbacks)
+
+
 def _trainer(
     run: RunConfig,
     ctx: RunContext,
@@ -720,19 +858,19 @@ def _trainer(
     from transformers import PrinterCallback
 
     callback = RunCallback(ctx.tracker, store, history, ctx.preemption, lock, ctx.rank)
-    has_eval = data.prepared.eval is not None
-    args = _training_args(run, built.hp, built.batch_size, store.local_dir, has_eval, built.device)
-    args.update(
-        strategy_arguments(
-            run,
-            built.strategy,
-            ctx.rank,
-            built.model,
-            built.device,
-            built.hp.gradient_checkpointing,
-        )
+    trainer = build_trainer(
+        run,
+        built.model,
+        data.tokenizer,
+        data.prepared,
+        built.hp,
+        built.batch_size,
+        store.local_dir,
+        built.device,
+        [callback],
+        built.strategy,
+        ctx.rank,
     )
-    trainer = _build_trainer(run, built.model, data.tokenizer, data.prepared, args, [callback])
     trainer.remove_callback(PrinterCallback)  # RunCallback logs each step once, as text
     return trainer
 

@@ -120,7 +120,7 @@ def _option(option: Option | None) -> dict[str, Any] | None:
         "gradientCheckpointing": option.gradient_checkpointing,
         "batchSize": option.batch_size,
         "peakGiBPerGpu": round(option.peak_bytes / GIB, 2),
-        "expectedSeconds": _pair(option.seconds, 0),
+        "expectedSeconds": _pair(option.seconds, 1),
         "text": option.describe(),
     }
 
@@ -178,7 +178,7 @@ def as_dict(
             "steps": time.steps,
             "epochs": round(time.epochs, 3) if time.epochs is not None else None,
             "trainedTokens": time.trained_tokens,
-            "expectedSeconds": _pair(time.seconds, 0),
+            "expectedSeconds": _pair(time.seconds, 1),
             "gpuHours": _pair(time.gpu_hours, 3),
             "cost": _pair(time.cost, 2),
             "assumption": f"model FLOPs at {MFU_RANGE[0]:.0%}-{MFU_RANGE[1]:.0%} MFU "
