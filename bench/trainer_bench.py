@@ -8,8 +8,8 @@ Arms, run alternately (A B A B ...) in one process so machine drift hits both al
 - ``baseline``: transformers ``Trainer`` + peft LoRA r=16 on q/k/v/o, every example padded to
   ``max_length`` (labels -100 on prompt and padding), no packing, default attention, the
   Trainer's default optimizer; for qlora the usual bitsandbytes nf4 + double-quant recipe.
-- ``ours``: the trainer's own code path (``finetune_trainer.runner._training_args`` and
-  ``_build_trainer``, ``methods.apply_method``, ``hyper.resolve``, ``models`` helpers) with
+- ``ours``: the trainer's production setup (``finetune_trainer.runner.plan_training``,
+  ``training_setup`` and ``build_trainer``, as ``runner.execute`` uses them) with
   its defaults, and the same LoRA shape (r=16, q/k/v/o), learning rate, schedule, batch size,
   seed, gradient checkpointing and number of optimizer steps.
 - ablations (``--arms``): ``ours-padded`` (padding-free off: pad to the longest in the batch),
@@ -244,37 +244,39 @@ def run_config(args: argparse.Namespace, overrides: dict[str, Any]) -> Any:
 
 
 def arm_ours(ctx: dict[str, Any], overrides: dict[str, Any]) -> tuple[Any, Any]:
+    """The trainer's production setup: `runner.plan_training` (the estimate behind `auto`),
+    `runner.training_setup` (precision, load dtype, checkpointing, method) and
+    `runner.build_trainer` (TrainingArguments, TRL SFTTrainer)."""
     from datasets import Dataset
-    from finetune_trainer import hyper, runner
-    from finetune_trainer.methods import apply_method
+    from finetune_trainer import runner
     from finetune_trainer.models import LocalModel, attention_implementation, load_model
 
     args = ctx["args"]
     run = run_config(args, overrides)
     device = ctx["device"]
-    n_train = len(ctx["data"]["train_ids"])
-    hp = hyper.resolve(run, n_train, device, model_params=ctx["shape"].total_params())
-    dtype = runner._load_dtype(run, hp.precision)
-    if run.method.quantization is not None:
-        model = load_model(LocalModel(ctx["model_dir"]), run, dtype=dtype)
-    else:
-        attn = attention_implementation(run.model)
-        model = random_model(ctx["config"], args.seed, dtype, attn, device)
-    if hp.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    import transformers
+    lengths = ctx["data"]["lengths"]
+    planned = runner.plan_training(run, ctx["config"], lengths, device)
 
-    transformers.set_seed(args.seed)
-    model = apply_method(run, model, gradient_checkpointing=hp.gradient_checkpointing)
+    def load(dtype: Any) -> Any:
+        import transformers
+
+        if run.method.quantization is not None:
+            model = load_model(LocalModel(ctx["model_dir"]), run, dtype=dtype)
+        else:
+            attn = attention_implementation(run.model)
+            model = random_model(ctx["config"], args.seed, dtype, attn, device)
+        transformers.set_seed(args.seed)  # the adapter starts as the baseline's does
+        return model
+
+    model, hp = runner.training_setup(run, planned, len(lengths), device, load)
     train = Dataset.from_dict(
         {"input_ids": ctx["data"]["train_ids"], "completion_mask": ctx["data"]["train_masks"]}
     )
     prepared = SimpleNamespace(train=train, eval=None)
-    targs = runner._training_args(
-        run, hp, args.batch, ctx["tmp"] / "ours", has_eval=False, device=device
-    )
     timer = step_timer(device)
-    trainer = runner._build_trainer(run, model, ctx["tokenizer"], prepared, targs, [timer])
+    trainer = runner.build_trainer(
+        run, model, ctx["tokenizer"], prepared, hp, args.batch, ctx["tmp"] / "ours", device, [timer]
+    )
     return trainer, timer
 
 
@@ -554,16 +556,17 @@ def main(argv: list[str] | None = None) -> int:
     if not cuda:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
-    from finetune_trainer import hyper
+    from finetune_trainer import hyper, runner
 
     shape = benchlib.SHAPES[args.model]
     tmp = Path(tempfile.mkdtemp(prefix="ftbench-"))
     data = build_data(args, shape)
     config = llama_config(shape, args.seq)
     hp_run = run_config(args, {})
-    hp = hyper.resolve(
-        hp_run, len(data["train_ids"]), args.device, model_params=shape.total_params()
-    )
+    planned = runner.plan_training(hp_run, config, data["lengths"], args.device)
+    hp = hyper.resolve(hp_run, len(data["train_ids"]), args.device, planned.resolved)
+    # every arm trains with what `auto` resolved to for the default arm (the production rule)
+    args.gradient_checkpointing = hp.gradient_checkpointing
     ctx: dict[str, Any] = {
         "args": args,
         "device": args.device,
