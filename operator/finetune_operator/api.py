@@ -16,7 +16,7 @@ from finetune_trainer.config import (
     format_errors,
     run_field_names,
 )
-from finetune_trainer.progress import CheckpointInfo, WireModel
+from finetune_trainer.progress import CheckpointInfo, Estimate, WireModel
 from pydantic import Field, ValidationError, model_validator
 
 GROUP = "finetune.dev"
@@ -261,6 +261,11 @@ class FineTuneJobStatus(WireModel):
     phase: JobPhase | None = None
     conditions: list[Condition] = Field(default_factory=list, max_length=16)
     progress: ProgressStatus | None = None
+    estimate: Estimate | None = Field(
+        default=None,
+        description="The trainer's estimate before loading weights: worst-case peak GiB per "
+        "GPU, whether it fits, steps, expected duration, GPU-hours (see docs/planning.md).",
+    )
     checkpoints: list[CheckpointInfo] = Field(default_factory=list, max_length=32)
     result: ResultStatus | None = None
     start_time: datetime | None = None

@@ -14,6 +14,7 @@ from finetune_trainer.progress import (
     CONFIG_PATH,
     ENV_CONFIG,
     ENV_HF_TOKEN,
+    ENV_MAX_GPU_HOURS,
     ENV_MASTER_ADDR,
     ENV_MASTER_PORT,
     ENV_NNODES,
@@ -176,8 +177,10 @@ def _env(spec: FineTuneJobSpec) -> list[dict[str, Any]]:
 
 
 def _with_platform_env(env: list[dict[str, Any]], policy: Policy) -> list[dict[str, Any]]:
-    """The trainer's env plus the platform's (`Policy.trainer_env`, e.g. NCCL settings); a
-    variable the operator sets keeps the operator's value."""
+    """The trainer's env plus the platform's (`Policy.trainer_env`, e.g. NCCL settings, and
+    the cap on a job's estimated GPU-hours); a variable the operator sets keeps its value."""
+    if policy.max_gpu_hours_per_job is not None:
+        env = [*env, {"name": ENV_MAX_GPU_HOURS, "value": f"{policy.max_gpu_hours_per_job:g}"}]
     taken = {item["name"] for item in env}
     extra = [
         {"name": k, "value": v} for k, v in sorted(policy.trainer_env.items()) if k not in taken

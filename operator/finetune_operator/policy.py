@@ -5,6 +5,8 @@
     FINETUNE_MAX_GPUS_PER_JOB         upper bound of GPUs per job: gpus x nodes (default 8)
     FINETUNE_ALLOWED_NAMESPACES       comma-separated namespaces allowed to run jobs (empty: all)
     FINETUNE_POLL_INTERVAL_SECONDS    how often a running trainer's /progress is polled (default 5)
+    FINETUNE_MAX_GPU_HOURS_PER_JOB    cap on a job's estimated GPU-hours (the trainer's estimate
+                                      before loading weights; over it: refused, exit 65)
     FINETUNE_TRAINER_ENV              a JSON object of extra environment variables for every
                                       trainer container, e.g. NCCL settings of the cluster's
                                       network: {"NCCL_SOCKET_IFNAME": "eth0"} (default none)
@@ -45,6 +47,7 @@ class Policy(BaseModel):
     allowed_namespaces: tuple[str, ...] = ()
     poll_interval_seconds: float = Field(default=5.0, gt=0)
     trainer_env: dict[str, str] = Field(default_factory=dict)
+    max_gpu_hours_per_job: float | None = Field(default=None, gt=0)
 
     @field_validator("trainer_env")
     @classmethod
@@ -70,6 +73,8 @@ class Policy(BaseModel):
             )
         if interval := env.get("FINETUNE_POLL_INTERVAL_SECONDS", "").strip():
             values["poll_interval_seconds"] = float(interval)
+        if hours := env.get("FINETUNE_MAX_GPU_HOURS_PER_JOB", "").strip():
+            values["max_gpu_hours_per_job"] = float(hours)
         if trainer_env := env.get("FINETUNE_TRAINER_ENV", "").strip():
             values["trainer_env"] = json.loads(trainer_env)
         return cls.model_validate(values)

@@ -584,6 +584,8 @@ def _reported(
     update: dict[str, Any] = {}
     if progress is not None:
         update["progress"] = _progress_status(progress)
+    if progress is not None and progress.estimate is not None:
+        update["estimate"] = progress.estimate
     checkpoints = list(previous.checkpoints)
     if progress is not None and progress.checkpoints:
         checkpoints = merge_checkpoints(checkpoints, progress.checkpoints)
