@@ -410,9 +410,9 @@ def _plan_tables(plan: dict[str, Any]) -> list[Table]:
          if plan["data"] else None),
         ("steps", f"{time['steps']:,}" if time["steps"] else None),
         ("trained tokens", f"{time['trainedTokens']:,}" if time["trainedTokens"] else None),
-        ("duration", span([s / 3600 for s in seconds], "{:.2f}") + " h" if seconds else None),
-        ("GPU-hours", span(time["gpuHours"], "{:.2f}")),
-        ("cost", span(time["cost"], "{:.2f}")),
+        ("duration", span([s / 3600 for s in seconds], "{:.3g}") + " h" if seconds else None),
+        ("GPU-hours", span(time["gpuHours"], "{:.3g}")),
+        ("cost", span(time["cost"], "{:.3g}")),
     )
     for key, value in rows:
         if value is not None:

@@ -321,6 +321,19 @@ def option_for(
     return None
 
 
+def _fewest(
+    run: RunConfig, method: str, facts: ModelFacts, target: Target, data: Data | None, batch: int
+) -> Option | None:
+    """The fewest GPUs for `method` at `batch`, else at the largest smaller batch that fits
+    (raise gradientAccumulationSteps to keep the global batch)."""
+    while batch >= 1:
+        found = option_for(variant(run, method, batch), facts, target, data)
+        if found is not None:
+            return found
+        batch //= 2
+    return None
+
+
 def data_notes(run: RunConfig, data: Data | None) -> list[str]:
     """The guides' advice on data volume."""
     if data is None:
@@ -360,8 +373,7 @@ def advise(
         found
         for method in methods
         if target.cuda or method != "qlora"  # k-bit bases need a CUDA GPU
-        if (found := option_for(variant(run, method, int(batch)), counts[method], target, data))
-        is not None
+        if (found := _fewest(run, method, counts[method], target, data, int(batch))) is not None
     ]
     smallest = min(options, key=lambda o: (o.gpus, o.peak_bytes), default=None)
     timed = [o for o in options if o.seconds is not None]
@@ -381,7 +393,7 @@ def to_estimate(resolved: Resolved, target: Target, time: Timing) -> Estimate:
         total_steps=time.steps,
         expected_seconds_min=round(time.seconds[0]) if time.seconds else None,
         expected_seconds_max=round(time.seconds[1]) if time.seconds else None,
-        gpu_hours_max=round(time.gpu_hours[1], 3) if time.gpu_hours else None,
+        gpu_hours_max=float(f"{time.gpu_hours[1]:.4g}") if time.gpu_hours else None,
     )
 
 

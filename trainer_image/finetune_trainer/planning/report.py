@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,9 @@ def target_for(
 ) -> tuple[Target, list[str]]:
     """The target the plan is made for, and notes on what was assumed."""
     notes = []
+    if placement.gpus == 0 and (gpu is not None or gpu_memory is not None):
+        placement = replace(placement, gpus=1)
+        notes.append("resources.gpus is 0: planned on one GPU of the type or memory given")
     if placement.gpus == 0:
         memory = parse_memory(placement.memory) if placement.memory else gpu_memory
         return Target(0, placement.nodes, memory, None, price), notes
@@ -106,8 +109,9 @@ def count_data(run: RunConfig, cache_dir: Path) -> tuple[Data | None, int, str |
     return data_of(lengths), len(prepared.label_names or ()) or 2, None
 
 
-def _pair(values: tuple[float, float] | None, digits: int = 2) -> list[float] | None:
-    return [round(v, digits) for v in values] if values else None
+def _pair(values: tuple[float, float] | None) -> list[float] | None:
+    """A (low, high) range to 4 significant digits."""
+    return [float(f"{v:.4g}") for v in values] if values else None
 
 
 def _option(option: Option | None) -> dict[str, Any] | None:
@@ -120,7 +124,7 @@ def _option(option: Option | None) -> dict[str, Any] | None:
         "gradientCheckpointing": option.gradient_checkpointing,
         "batchSize": option.batch_size,
         "peakGiBPerGpu": round(option.peak_bytes / GIB, 2),
-        "expectedSeconds": _pair(option.seconds, 1),
+        "expectedSeconds": _pair(option.seconds),
         "text": option.describe(),
     }
 
@@ -178,9 +182,9 @@ def as_dict(
             "steps": time.steps,
             "epochs": round(time.epochs, 3) if time.epochs is not None else None,
             "trainedTokens": time.trained_tokens,
-            "expectedSeconds": _pair(time.seconds, 1),
-            "gpuHours": _pair(time.gpu_hours, 3),
-            "cost": _pair(time.cost, 2),
+            "expectedSeconds": _pair(time.seconds),
+            "gpuHours": _pair(time.gpu_hours),
+            "cost": _pair(time.cost),
             "assumption": f"model FLOPs at {MFU_RANGE[0]:.0%}-{MFU_RANGE[1]:.0%} MFU "
             "(the trainer's measured range); an estimate",
         },
