@@ -116,6 +116,16 @@ def _counting_run(run: Any) -> Any:
     return run.model_copy(update={"method": run.method.model_copy(update=update)})
 
 
+def _tie(model: Any, config: Any) -> Any:
+    """Tie the output head to the input embedding where the config says so (weights built on
+    the meta device are left untied; a tied head counts once). Returns the head."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if head is not None and getattr(text, "tie_word_embeddings", False):
+        head.weight = model.get_input_embeddings().weight
+    return head
+
+
 def count_params(config: Any, run: Any, num_labels: int = 2) -> ParamCounts:
     """Build the run's model (base + method) on the meta device and count its parameters:
     no weights are read or allocated."""
@@ -131,17 +141,17 @@ def count_params(config: Any, run: Any, num_labels: int = 2) -> ParamCounts:
             model = AutoModelForSequenceClassification.from_config(config)
         else:
             model = AutoModelForCausalLM.from_config(config)
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        linears = [
-            m.weight.numel()
-            for m in model.modules()
-            if isinstance(m, torch.nn.Linear) and m is not head
-        ]
+    head = _tie(model, config)  # outside the context, which would copy the tied weight
+    linears = [
+        m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head
+    ]
+    with init_empty_weights():
         model = apply_method(_counting_run(run), model, gradient_checkpointing=False)
-        total = trainable = 0
-        for param in model.parameters():
-            total += param.numel()
-            trainable += param.numel() if param.requires_grad else 0
+    _tie(model.get_base_model() if hasattr(model, "get_base_model") else model, config)
+    total = trainable = 0
+    for param in model.parameters():
+        total += param.numel()
+        trainable += param.numel() if param.requires_grad else 0
     return ParamCounts(
         total=total,
         trainable=trainable,
