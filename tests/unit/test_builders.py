@@ -404,9 +404,11 @@ def test_policy_from_env() -> None:
             "FINETUNE_ALLOWED_NAMESPACES": "a, b,",
             "FINETUNE_POLL_INTERVAL_SECONDS": "2.5",
             "FINETUNE_TRAINER_ENV": '{"NCCL_SOCKET_IFNAME": "eth0"}',
+            "FINETUNE_MAX_GPU_HOURS_PER_JOB": "24",
         }
     )
     assert policy == Policy(
+        max_gpu_hours_per_job=24.0,
         default_image="r/t:2",
         allow_trust_remote_code=True,
         max_gpus_per_job=4,
@@ -425,6 +427,13 @@ def test_the_platforms_trainer_env_reaches_every_trainer_but_not_over_the_contra
     env = pod["containers"][0]["env"]
     assert {"name": "NCCL_IB_HCA", "value": "mlx5_0,mlx5_1"} in env
     assert [e["value"] for e in env if e["name"] == "HOME"] == ["/tmp"]  # the contract's
+
+
+def test_the_gpu_hours_cap_reaches_the_trainer_only_when_set() -> None:
+    capped = build_pod_spec("ft", "ns", make(), Policy(max_gpu_hours_per_job=24.0))
+    assert {"name": "FINETUNE_MAX_GPU_HOURS", "value": "24"} in capped["containers"][0]["env"]
+    free = build_pod_spec("ft", "ns", make(), Policy())
+    assert all(e["name"] != "FINETUNE_MAX_GPU_HOURS" for e in free["containers"][0]["env"])
 
 
 def test_kueue_admits_a_group_as_one_suspended_indexed_job() -> None:

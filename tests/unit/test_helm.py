@@ -54,6 +54,8 @@ NON_DEFAULT = {
         "policy.maxGpusPerJob=2",
         "--set",
         "policy.allowedNamespaces={team-a}",
+        "--set",
+        "policy.maxGpuHoursPerJob=24",
         "--set-string",
         "policy.trainerEnv.NCCL_IB_HCA=mlx5_0\\,mlx5_1",
         "--set",
@@ -353,10 +355,12 @@ def test_operator_command_and_policy_env(render: Callable[..., list[Manifest]]) 
     assert env["FINETUNE_POLL_INTERVAL_SECONDS"] == "5"
     assert "FINETUNE_ALLOWED_NAMESPACES" not in env
     assert "FINETUNE_TRAINER_ENV" not in env
+    assert "FINETUNE_MAX_GPU_HOURS_PER_JOB" not in env
     custom = _env(render(*NON_DEFAULT["namespaced"]))
     assert custom["FINETUNE_ALLOW_TRUST_REMOTE_CODE"] == "true"
     assert custom["FINETUNE_MAX_GPUS_PER_JOB"] == "2"
     assert custom["FINETUNE_ALLOWED_NAMESPACES"] == "team-a"
+    assert custom["FINETUNE_MAX_GPU_HOURS_PER_JOB"] == "24"
     assert custom["FINETUNE_POLL_INTERVAL_SECONDS"] == "10"
     assert Policy.from_env(custom).trainer_env == {"NCCL_IB_HCA": "mlx5_0,mlx5_1"}
     assert custom["FINETUNE_METRICS_PORT"] == "9191"

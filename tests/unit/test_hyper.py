@@ -51,13 +51,22 @@ def test_explicit_values_win() -> None:
     )
 
 
-def test_gpu_batch_is_probed_and_checkpointing_for_large_models() -> None:
-    r = hyper.resolve(_run(), 100, "cuda", model_params=8_000_000_000)
-    assert r.batch_size is None
+def test_gpu_batch_is_probed_from_the_estimate_and_checkpointing_follows_it() -> None:
+    from finetune_trainer.planning.memory import MemoryEstimate
+    from finetune_trainer.planning.plan import Resolved as Planned
+    from finetune_trainer.strategy import Strategy
+
+    def planned(batch: int, checkpointing: bool) -> Planned:
+        return Planned(batch, checkpointing, Strategy("single"), MemoryEstimate({}, 0, 1, 0), True)
+
+    r = hyper.resolve(_run(), 100, "cuda", planned(16, True))
+    assert r.batch_size is None  # probed once the model is loaded, from the estimate's batch
+    assert r.probe_start == 16
     assert r.gradient_checkpointing is True
-    assert (
-        hyper.resolve(_run(), 100, "cuda", model_params=500_000_000).gradient_checkpointing is False
-    )
+    assert hyper.resolve(_run(), 100, "cuda", planned(16, False)).gradient_checkpointing is False
+    # without an estimate (or on CPU) auto never recomputes
+    assert hyper.resolve(_run(), 100, "cuda").gradient_checkpointing is False
+    assert hyper.resolve(_run(), 100, "cpu", planned(16, True)).gradient_checkpointing is False
 
 
 def _lm(method: str = "lora", **dataset: object) -> RunConfig:

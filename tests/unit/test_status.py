@@ -27,7 +27,14 @@ from finetune_operator.status import (
     status_patch,
     workers_status,
 )
-from finetune_trainer.progress import CheckpointInfo, Outcome, Phase, Progress, Summary
+from finetune_trainer.progress import (
+    CheckpointInfo,
+    Estimate,
+    Outcome,
+    Phase,
+    Progress,
+    Summary,
+)
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 T1 = T0 + timedelta(minutes=5)
@@ -391,6 +398,27 @@ def test_progress_is_mirrored_with_eta() -> None:
         "eta": "1h05m",
         "updatedAt": T1,
     }
+
+
+def test_the_trainers_estimate_becomes_status_estimate_and_stays() -> None:
+    estimate = Estimate(
+        peak_gib_per_gpu=38.5,
+        gpu_gib=79.65,
+        fits=True,
+        batch_size=4,
+        gradient_checkpointing=True,
+        total_steps=200,
+        expected_seconds_min=5210,
+        expected_seconds_max=8052,
+        gpu_hours_max=17.9,
+    )
+    reported = PROGRESS.model_copy(update={"estimate": estimate})
+    status = derive_status(SPEC, job(active=1), [pod()], reported, None, FineTuneJobStatus(), T1)
+    assert status.estimate == estimate
+    wire = status_dict(status)["estimate"]
+    assert wire["peakGibPerGpu"] == 38.5 and wire["fits"] is True and wire["gpuHoursMax"] == 17.9
+    unreachable = derive_status(SPEC, job(active=1), [pod()], None, None, status, T1)
+    assert unreachable.estimate == estimate  # the last report is kept while /progress is away
 
 
 def test_observing_the_same_state_twice_changes_nothing() -> None:
