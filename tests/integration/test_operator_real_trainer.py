@@ -64,6 +64,13 @@ def test_real_trainer_succeeds_with_adapter(cluster, real_kubelet) -> None:
         assert adapter_uri.startswith("pvc://outputs/real")
         adapter = real_kubelet.pvc_root / adapter_uri.removeprefix("pvc://")
         assert (adapter / "adapter_config.json").exists()
+        # the trainer's estimate, made before it loaded the weights, mirrored into the status
+        estimate = status["estimate"]
+        assert estimate["totalSteps"] == 4
+        assert estimate["batchSize"] == 2
+        assert estimate["gradientCheckpointing"] is False
+        assert 0 < estimate["peakGibPerGpu"] < 4
+        assert estimate["worstCaseTokens"] > 0
 
 
 def test_real_trainer_rejects_malformed_dataset_with_line_numbers(cluster, real_kubelet) -> None:

@@ -261,3 +261,36 @@ def test_the_platform_caps_gpu_hours(tiny_model_dir: Path, monkeypatch: pytest.M
     monkeypatch.setenv(ENV_MAX_GPU_HOURS, str(planned.estimate.gpu_hours_max / 2))
     with pytest.raises(InvalidInputError, match="over the platform's cap"):
         runner.check_plan(run, config, planned, lengths)
+
+
+def test_finetune_run_of_a_job_too_large_for_its_gpu_exits_65_before_loading(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from finetune_trainer import models
+    from finetune_trainer.cli import app
+    from typer.testing import CliRunner
+
+    repo = Path(__file__).resolve().parents[2]
+    monkeypatch.chdir(repo)
+    monkeypatch.setattr(runner, "_device", lambda: "cuda")
+    monkeypatch.setattr(runner, "_gpu", lambda rank: (64 * 2**20, "NVIDIA L4"))
+
+    def never(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("weights were loaded")
+
+    monkeypatch.setattr(runner, "load_model", never)
+    monkeypatch.setattr(models, "load_model", never)
+    result = CliRunner().invoke(
+        app,
+        [
+            "run",
+            "examples/quickstart.yaml",
+            "--output",
+            str(tmp_path / "out"),
+            "--set",
+            f"model.source={tiny_model_dir}",
+        ],
+    )
+    assert result.exit_code == 65, result.output
+    assert "does not fit" in result.output
+    assert "what fits GPUs like it:" in result.output

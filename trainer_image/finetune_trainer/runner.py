@@ -504,9 +504,10 @@ def check_plan(run: RunConfig, config: Any, planned: PlannedRun, lengths: list[i
             f"does not fit: the run needs about {est.peak_gib_per_gpu:.1f} GiB per GPU in the "
             f"worst case (batch {est.batch_size}, {est.worst_case_tokens} tokens, "
             f"checkpointing {'on' if est.gradient_checkpointing else 'off'}) and this GPU has "
-            f"{est.gpu_gib:.1f} GiB; what fits GPUs like it: {fitting} "
-            "(see finetune plan; lower training.batchSize or dataset.maxSeqLength, or turn "
-            "training.gradientCheckpointing on)"
+            f"{est.gpu_gib:.1f} GiB; what fits GPUs like it: {fitting} (see finetune plan; "
+            "lower training.batchSize or dataset.maxSeqLength"
+            + ("" if est.gradient_checkpointing else ", or turn training.gradientCheckpointing on")
+            + ")"
         )
     cap = os.environ.get(ENV_MAX_GPU_HOURS)
     if cap and est.gpu_hours_max is not None and est.gpu_hours_max > float(cap):
