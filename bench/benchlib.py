@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from finetune_trainer.planning.flops import training_flops as training_flops
 from finetune_trainer.planning.gpus import PEAK_BF16_FLOPS as PEAK_BF16_FLOPS
 from finetune_trainer.planning.gpus import peak_flops as peak_flops
-from finetune_trainer.planning.shape import ModelShape
+from finetune_trainer.planning.shape import ModelShape as ModelShape
 
 SHAPES = {
     # the 2-layer test model of tests/conftest.py, with a 512-token vocabulary

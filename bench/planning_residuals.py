@@ -18,10 +18,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import benchlib  # noqa: E402
-
-from finetune_trainer.planning.memory import GIB, Layout, Setup, estimate  # noqa: E402
-from finetune_trainer.planning.shape import ModelShape, ParamCounts  # noqa: E402
+import benchlib
+from finetune_trainer.planning.memory import GIB, Layout, Setup, estimate
+from finetune_trainer.planning.shape import ModelShape, ParamCounts
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LORA_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]

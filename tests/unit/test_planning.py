@@ -218,7 +218,9 @@ def test_production_auto_checkpointing_follows_the_estimate(
     assert free.resolved.gradient_checkpointing is False
     roomy = free.resolved.memory.total + 2**30
     monkeypatch.setattr(runner, "_gpu", lambda rank: (roomy, "NVIDIA H100 80GB HBM3"))
-    assert runner.plan_training(run, config, lengths, "cuda").resolved.gradient_checkpointing is False
+    assert (
+        runner.plan_training(run, config, lengths, "cuda").resolved.gradient_checkpointing is False
+    )
     tight = free.resolved.memory.total - 1
     monkeypatch.setattr(runner, "_gpu", lambda rank: (tight, "NVIDIA H100 80GB HBM3"))
     planned = runner.plan_training(run, config, lengths, "cuda")

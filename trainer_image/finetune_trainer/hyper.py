@@ -76,9 +76,7 @@ class Resolved:
     probe_start: int = GPU_AUTO_BATCH_START  # the probe's first batch size (from the estimate)
 
 
-def resolve(
-    run: RunConfig, n_train: int, device: str, planned: Planned | None = None
-) -> Resolved:
+def resolve(run: RunConfig, n_train: int, device: str, planned: Planned | None = None) -> Resolved:
     """Resolve every `auto` that does not need the loaded model; `planned` is the memory
     estimate's resolution (finetune_trainer.planning) for this run on this GPU."""
     t = run.training

@@ -24,7 +24,7 @@ def method_facts(
 ) -> dict[str, ModelFacts]:
     """Facts of `run`'s own method and of each advised method's variant of it."""
     own = model_facts(config, run, num_labels)
-    out = {run.method.type: own}
+    out: dict[str, ModelFacts] = {run.method.type: own}
     for method in methods:
         if method in out:
             continue

@@ -107,10 +107,9 @@ def _layer_bytes_per_token(shape: ModelShape, setup: Setup) -> float:
     attention = e * (2 * q + 2 * kv)  # SDPA keeps q, k, v and its output
     rope = e * (q + kv)
     mlp = e * 3 * ffn  # gate output, its activation, up output
-    if setup.method == "full":
-        inputs = e * (3 * d + ffn)  # the inputs of q/k/v, o, gate/up and down (weight grads)
-    else:  # adapters: dropout masks and outputs feeding the adapters (q/k/v/o, up to all)
-        inputs = e * (3 * d + ffn) + 2 * d
+    # the inputs of q/k/v, o, gate/up and down (a full fine-tune's weight gradients need them;
+    # adapters keep their dropout outputs instead, plus the dropout masks)
+    inputs = e * (3 * d + ffn) + (0 if setup.method == "full" else 2 * d)
     residual = 4 * 2 * d if setup.kbit else 0  # fp32 residual stream of a k-bit base
     return ACTIVATION_SCALE * (norms + attention + rope + mlp + inputs + residual)
 

@@ -196,7 +196,9 @@ def resolve(
             if fits is not False:
                 break  # the largest batch that fits with this checkpointing
         got = tried[-1]
-        useful = run.training.batch_size != "auto" or got.batch_size >= min(USEFUL_BATCH, batches[0])
+        useful = run.training.batch_size != "auto" or got.batch_size >= min(
+            USEFUL_BATCH, batches[0]
+        )
         if got.fits is not False and useful:
             return got
     fitting = [r for r in tried if r.fits]

@@ -7,6 +7,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from rich.table import Table
+from rich.text import Text
+
 from finetune_trainer import storage
 from finetune_trainer.config import RunConfig
 from finetune_trainer.planning.gpus import GIB, GPU_TYPES, MFU_RANGE, GpuType, parse_memory
@@ -223,3 +226,67 @@ def build(
     time = timing(run, facts, target, data, resolved.batch_size)
     advice = advise(run, methods, target, data)
     return as_dict(name, run, facts, target, data, resolved, time, advice, notes)
+
+
+def tables(plan: dict[str, Any]) -> list[Table]:
+    """The plan as tables: summary, memory breakdown, advice."""
+    run, mem, time, target = plan["run"], plan["memory"], plan["time"], plan["target"]
+    model = plan["model"]
+    gpu = target["gpuType"] or ("GPU" if target["gpus"] else "CPU worker")
+    fits = {True: "[green]fits[/green]", False: "[red]does not fit[/red]", None: "unknown"}
+    summary = Table(title=f"finetune plan: {plan['name']} (an estimate)", show_header=False)
+    summary.add_column(style="bold")
+    summary.add_column()
+
+    def span(pair: list[float] | None, fmt: str) -> str | None:
+        return f"{fmt.format(pair[0])} - {fmt.format(pair[1])}" if pair else None
+
+    seconds = time["expectedSeconds"]
+    rows = (
+        ("model", f"{model['source']} ({model['totalParams']:,} parameters)"),
+        ("trainable", f"{model['trainableParams']:,} ({run['method']})"),
+        (
+            "target",
+            f"{target['worldSize']} x {gpu}"
+            + (f" ({target['gpuMemoryGiB']} GiB)" if target["gpuMemoryGiB"] else ""),
+        ),
+        (
+            "setup",
+            f"batch {run['batchSize']} ({run['batchSizeFrom']}), maxSeqLength "
+            f"{run['maxSeqLength']}, {run['precision']}, checkpointing "
+            f"{'on' if run['gradientCheckpointing'] else 'off'}, {run['strategy']}",
+        ),
+        ("peak per GPU", f"{mem['peakGiBPerGpu']} GiB: {fits[mem['fits']]}"),
+        ("worst-case batch", f"{mem['worstCaseTokens']:,} tokens in {mem['rows']} row(s)"),
+        (
+            "data",
+            f"{plan['data']['examples']:,} examples, {plan['data']['tokens']:,} tokens"
+            if plan["data"]
+            else None,
+        ),
+        ("steps", f"{time['steps']:,}" if time["steps"] else None),
+        ("trained tokens", f"{time['trainedTokens']:,}" if time["trainedTokens"] else None),
+        ("duration", f"{span([s / 3600 for s in seconds], '{:.3g}')} h" if seconds else None),
+        ("GPU-hours", span(time["gpuHours"], "{:.3g}")),
+        ("cost", span(time["cost"], "{:.3g}")),
+    )
+    for key, value in rows:
+        if value is not None:
+            summary.add_row(key, value)
+    breakdown = Table(title="memory per GPU (GiB)")
+    breakdown.add_column("part")
+    breakdown.add_column("GiB", justify="right")
+    for part, gib in mem["breakdownGiB"].items():
+        breakdown.add_row(part, f"{gib:.2f}")
+    breakdown.add_row("[bold]total[/bold]", f"[bold]{mem['peakGiBPerGpu']:.2f}[/bold]")
+    advice = Table(title=f"advice (fewest {gpu}s that fit, per method)", show_header=False)
+    advice.add_column()
+    adv = plan["advice"]
+    for option in adv["options"]:
+        advice.add_row(Text(option["text"]))
+    for key in ("smallest", "fastest"):
+        if adv[key]:
+            advice.add_row(Text(f"{key}: {adv[key]['text']}"))
+    for note in adv["notes"] + plan["notes"]:
+        advice.add_row(Text(f"note: {note}", style="dim"))
+    return [summary, breakdown, advice]

@@ -143,7 +143,9 @@ def count_params(config: Any, run: Any, num_labels: int = 2) -> ParamCounts:
             model = AutoModelForCausalLM.from_config(config)
     head = _tie(model, config)  # outside the context, which would copy the tied weight
     linears = [
-        m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head
+        m.weight.numel()
+        for m in model.modules()
+        if isinstance(m, torch.nn.Linear) and m is not head
     ]
     with init_empty_weights():
         model = apply_method(_counting_run(run), model, gradient_checkpointing=False)
