@@ -25,8 +25,9 @@ case "$part" in
   8b)
     bench --model llama-3.1-8b --method lora --steps 10 --rounds 2 --warmup-steps 2 --out "$out/8b-lora.json"
     bench --model llama-3.1-8b --method qlora --steps 10 --rounds 1 --warmup-steps 2 --out "$out/8b-qlora.json"
-    # the memory target (QLoRA 8B peak <= 10 GiB at seq 2048): one sequence per step
+    # the memory target (QLoRA 8B peak <= 10 GiB at seq 2048): one sequence per step, with
+    # checkpointing (auto would leave it off: batch 1 fits an 80 GB GPU without it)
     bench --model llama-3.1-8b --method qlora --arms ours --batch 1 --steps 10 --rounds 1 \
-      --warmup-steps 2 --out "$out/8b-qlora-batch1.json"
+      --gradient-checkpointing true --warmup-steps 2 --out "$out/8b-qlora-batch1.json"
     ;;
 esac
