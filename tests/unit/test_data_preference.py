@@ -119,7 +119,11 @@ def test_every_pair_problem_with_its_line(tmp_path: Path, tok: Any) -> None:
         {"prompt": "Add 4 and 2.", "chosen": "6", "rejected": " 6 "},  # 4 identical answers
         pair(1),  # 5 duplicate of line 1 (dropped, a warning)
         {"chosen": "yes", "rejected": "no"},  # 6 no prompt
-        {"messages": [*history, {"role": "assistant", "content": "x"}], "chosen": "a", "rejected": "b"},  # 7
+        {
+            "messages": [*history, {"role": "assistant", "content": "x"}],
+            "chosen": "a",
+            "rejected": "b",
+        },  # 7
         {"prompt": "p", "messages": history, "chosen": "a", "rejected": "b"},  # 8 both prompt kinds
         {"prompt": "p", "chosen": [{"role": "user", "content": "a"}], "rejected": "b"},  # 9
         {"prompt": "p", "chosen": 5, "rejected": "b"},  # 10 wrong type

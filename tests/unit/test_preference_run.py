@@ -3,6 +3,7 @@ resume, outputs, the reference model, and the preference scores before and after
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -65,7 +66,7 @@ def test_preference_objective_trains_end_to_end(
     )
     assert "eval_perplexity" not in metrics  # a preference loss is no language-model loss
     card = (out / "README.md").read_text()
-    assert "preference_accuracy" in card and objective in card
+    assert f"objective **{objective}**" in card and "## Preference on held-out pairs" in card
     ckpts = sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*"))
     assert ckpts == ["checkpoint-2", "checkpoint-4"]
     adapter = out / "adapter"
@@ -73,3 +74,77 @@ def test_preference_objective_trains_end_to_end(
     assert not (adapter / "ref").exists()  # the reference is the base, not a second adapter
     history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
     assert [h["step"] for h in history if "loss" in h] == [1, 2, 3, 4]
+
+
+def test_orpo_resumes_from_its_newest_checkpoint(tiny_model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    first, _ = _execute(_run(tiny_model_dir, out, "orpo"))
+    assert first.outcome == Outcome.SUCCEEDED, first.message
+    second, _ = _execute(_run(tiny_model_dir, out, "orpo", training={"maxSteps": 6}))
+    assert second.outcome == Outcome.SUCCEEDED, second.message
+    assert second.steps == 6 and second.message == "resumed from checkpoint-4"
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history if "loss" in h] == [1, 2, 3, 4, 5, 6]
+
+
+def test_another_objective_on_the_same_output_is_refused(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    first, _ = _execute(_run(tiny_model_dir, out, "dpo", training={"maxSteps": 2}))
+    assert first.outcome == Outcome.SUCCEEDED, first.message
+    second, _ = _execute(_run(tiny_model_dir, out, "orpo", training={"maxSteps": 2}))
+    assert second.outcome == Outcome.INVALID_INPUT
+    message = second.message or ""
+    assert "holds a different run (training.dpo.beta 0.1 -> null" in message
+
+
+def test_full_dpo_keeps_a_frozen_reference_copy(tiny_model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    run = _run(tiny_model_dir, out, "dpo", method={"type": "full"}, training={"learningRate": 1e-3})
+    summary, _ = _execute(run)
+    assert summary.outcome == Outcome.SUCCEEDED, summary.message
+    assert summary.model_uri == f"{out}/model" and summary.adapter_uri is None
+    metrics = json.loads((out / "metrics.json").read_text())
+    # untuned, the policy is the reference: every implicit DPO reward is 0, no pair preferred
+    assert metrics["baseline_eval_reward_margin"] == 0.0
+    assert metrics["baseline_eval_reward_accuracy"] == 0.0
+    assert metrics["eval_reward_margin"] != 0.0  # trained away from the frozen copy
+
+
+def test_with_an_adapter_the_reference_is_the_adapter_disabled_base(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    import torch
+    from finetune_trainer.data import prepare_dataset
+    from finetune_trainer.methods import apply_method, untuned
+    from finetune_trainer.preference import build_trainer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run = _run(tiny_model_dir, tmp_path / "out", "dpo")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prepared = prepare_dataset(run.dataset, "causal-lm", tokenizer, seed=0, objective="dpo")
+    model = apply_method(
+        run, AutoModelForCausalLM.from_pretrained(tiny_model_dir), gradient_checkpointing=False
+    )
+    args = {"output_dir": str(tmp_path / "o"), "report_to": "none", "use_cpu": True}
+    trainer = build_trainer(run, model, tokenizer, prepared, args, [])
+    assert trainer.ref_model is None and list(model.peft_config) == ["default"]
+    with torch.no_grad():  # move the adapter away from its zero start
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.add_(0.05)
+    batch = trainer.data_collator([prepared.eval[i] for i in range(4)])
+
+    def answer_logps(tuned: bool) -> Any:
+        ids, mask = batch["input_ids"], batch["completion_mask"]
+        with torch.no_grad(), contextlib.nullcontext() if tuned else untuned(model):
+            logits = model(input_ids=ids, attention_mask=batch["attention_mask"]).logits[:, :-1]
+        logps = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        return (logps * mask[:, 1:]).sum(-1)
+
+    ref_chosen, ref_rejected = trainer.compute_ref_log_probs(model, batch)
+    reference = torch.cat([ref_chosen, ref_rejected])
+    # equal up to the fused LM head's float rounding; the tuned model is far off
+    assert (reference - answer_logps(tuned=False)).abs().max() < 1e-2
+    assert (reference - answer_logps(tuned=True)).abs().max() > 1.0
