@@ -26,7 +26,9 @@ def main() -> None:
         group = by_task[record["instruction"]]
         k = group.index(i)
         others = group[k + 1 :] + group[:k]
-        rejected = next(records[j]["output"] for j in others if records[j]["output"] != record["output"])
+        rejected = next(
+            records[j]["output"] for j in others if records[j]["output"] != record["output"]
+        )
         user = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
         pair = {
             "messages": [{"role": "user", "content": user}],
