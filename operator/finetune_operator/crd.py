@@ -77,6 +77,10 @@ _NODE_SHARDING = (
     "has(self.training.distributed.fsdp) && has(self.training.distributed.fsdp.sharding) && "
     "self.training.distributed.fsdp.sharding == 'node'"
 )
+_PREFERENCE = (
+    "has(self.training) && has(self.training.objective) && "
+    "self.training.objective in ['dpo', 'orpo']"
+)
 _NODES = "(has(self.resources) && has(self.resources.nodes) ? self.resources.nodes : 1)"
 _GPUS = "(has(self.resources) && has(self.resources.gpus) ? self.resources.gpus : 1)"
 
@@ -187,6 +191,41 @@ SPEC_RULES: dict[tuple[str, ...], list[dict[str, str]]] = {
             ".training.precision",
         ),
         _rule(
+            f"!has(self.dataset.format) || self.dataset.format != 'preference' || ({_PREFERENCE})",
+            "spec.training.objective: preference data (prompt/chosen/rejected) needs objective "
+            "dpo or orpo",
+            ".training.objective",
+        ),
+        _rule(
+            f"!({_PREFERENCE}) || !has(self.task) || self.task == 'causal-lm'",
+            "spec.training.objective: dpo and orpo train causal-lm only",
+            ".training.objective",
+        ),
+        _rule(
+            f"!({_PREFERENCE}) || !has(self.dataset.format) || "
+            "self.dataset.format in ['auto', 'preference']",
+            "spec.dataset.format: objectives dpo and orpo need preference data "
+            "(prompt/chosen/rejected)",
+            ".dataset.format",
+        ),
+        _rule(
+            f"!({_PREFERENCE}) || !has(self.dataset.packing) || !self.dataset.packing",
+            "spec.dataset.packing: not used by objectives dpo and orpo",
+            ".dataset.packing",
+        ),
+        _rule(
+            f"!({_PREFERENCE}) || !({_VIRTUAL_TOKENS})",
+            "spec.method.type: prefix and prompt tuning are not supported with objectives dpo "
+            "and orpo; use lora, dora, qlora, ia3 or full",
+            ".method.type",
+        ),
+        _rule(
+            f"!({_PREFERENCE}) || !({_FSDP})",
+            "spec.training.distributed.strategy: objectives dpo and orpo are not sharded by "
+            "FSDP here; use ddp",
+            ".training.distributed.strategy",
+        ),
+        _rule(
             "['pvc://', 's3://', 'gs://', 'gcs://', 'az://', 'abfs://', 'hf://']"
             ".exists(p, self.output.uri.startsWith(p))",
             "spec.output.uri: a cluster run needs durable storage: pvc://, s3:// or hf://",
@@ -223,6 +262,24 @@ SPEC_RULES: dict[tuple[str, ...], list[dict[str, str]]] = {
             f"(has(self.saveSteps) ? self.saveSteps : {_DEFAULT_SAVE_STEPS}) % self.evalSteps == 0",
             "spec.training.saveSteps: must be a multiple of evalSteps when earlyStopping is set",
             ".saveSteps",
+        ),
+        _rule(
+            "!has(self.dpo) || (has(self.objective) && self.objective == 'dpo')",
+            "spec.training.dpo: only used by objective dpo",
+            ".dpo",
+        ),
+        _rule(
+            "!has(self.orpo) || (has(self.objective) && self.objective == 'orpo')",
+            "spec.training.orpo: only used by objective orpo",
+            ".orpo",
+        ),
+    ],
+    ("training", "dpo"): [
+        _rule(
+            "!has(self.labelSmoothing) || self.labelSmoothing == 0.0 || "
+            "(has(self.lossType) && self.lossType == 'robust')",
+            "spec.training.dpo.labelSmoothing: only used by lossType robust",
+            ".labelSmoothing",
         )
     ],
     ("training", "distributed"): [

@@ -38,6 +38,7 @@ def real_kubelet(cluster, tmp_path: Path, tiny_model_dir: Path):
     data = k.pvc_root / "data"
     data.mkdir(parents=True)
     shutil.copy(REPO / "examples" / "data" / "instructions.jsonl", data / "train.jsonl")
+    shutil.copy(REPO / "examples" / "data" / "preferences.jsonl", data / "pairs.jsonl")
     lines = (REPO / "examples" / "data" / "instructions.jsonl").read_text().splitlines()
     lines[2] = "{not json"
     (data / "broken.jsonl").write_text("\n".join(lines) + "\n")
@@ -85,3 +86,25 @@ def test_real_trainer_rejects_malformed_dataset_with_line_numbers(cluster, real_
         failed = next(c for c in status["conditions"] if c["type"] == "Failed")
         assert failed["reason"] == "InvalidInput", (status, real_kubelet.logs())
         assert "3" in failed["message"]
+
+
+def test_real_trainer_runs_dpo_and_reports_preference_in_status(cluster, real_kubelet) -> None:
+    spec = _spec("pairs.jsonl")
+    spec["dataset"].update(format="preference", validation={"splitRatio": 0.1})
+    spec["training"].update(objective="dpo", dpo={"beta": 0.2})
+    spec["output"]["uri"] = "pvc://outputs/dpo"
+    with operator_runner():
+        cluster.apply_ftj("dpo", spec)
+        cluster.wait_for(
+            lambda: _phase(cluster, "dpo") in ("Succeeded", "Failed"),
+            timeout=240,
+            what="finished",
+        )
+        status = cluster.ftj("dpo")["status"]
+        assert status["phase"] == "Succeeded", (status["conditions"], real_kubelet.logs()[-3000:])
+        metrics = status["result"]["metrics"]
+        for key in ("preference_accuracy", "preference_margin", "eval_reward_accuracy"):
+            assert key in metrics, metrics
+        assert "baseline_preference_accuracy" in metrics
+        adapter = real_kubelet.pvc_root / status["result"]["adapterUri"].removeprefix("pvc://")
+        assert (adapter / "adapter_config.json").exists() and not (adapter / "ref").exists()

@@ -417,6 +417,79 @@ CASES: list[tuple[str, str, str, dict[str, Any], dict[str, Any]]] = [
         spec_with(training={"batchSize": "auto"}),
         spec_with(training={"batchSize": "AUTO"}),
     ),
+    (
+        "preference-data-needs-objective",
+        "preference data (prompt/chosen/rejected) needs objective",
+        ".spec.training.objective",
+        spec_with(
+            dataset={"source": "s3://b/pairs", "format": "preference"},
+            training={"objective": "dpo"},
+        ),
+        spec_with(dataset={"source": "s3://b/pairs", "format": "preference"}),
+    ),
+    (
+        "preference-causal-lm-only",
+        "dpo and orpo train causal-lm only",
+        ".spec.training.objective",
+        spec_with(training={"objective": "orpo"}),
+        spec_with(task="sequence-classification", training={"objective": "orpo"}),
+    ),
+    (
+        "preference-objective-needs-preference-data",
+        "objectives dpo and orpo need preference data",
+        ".spec.dataset.format",
+        spec_with(dataset={"source": "s3://b/t", "format": "auto"}, training={"objective": "dpo"}),
+        spec_with(dataset={"source": "s3://b/t", "format": "chat"}, training={"objective": "dpo"}),
+    ),
+    (
+        "preference-no-packing",
+        "packing: not used by objectives dpo and orpo",
+        ".spec.dataset.packing",
+        spec_with(dataset={"source": "s3://b/t", "packing": True}),
+        spec_with(dataset={"source": "s3://b/t", "packing": True}, training={"objective": "dpo"}),
+    ),
+    (
+        "preference-no-virtual-tokens",
+        "prefix and prompt tuning are not supported with objectives dpo",
+        ".spec.method.type",
+        spec_with(method={"type": "ia3"}, training={"objective": "dpo"}),
+        spec_with(method={"type": "prefix"}, training={"objective": "dpo"}),
+    ),
+    (
+        "preference-no-fsdp",
+        "objectives dpo and orpo are not sharded by FSDP",
+        ".spec.training.distributed.strategy",
+        spec_with(
+            training={"objective": "dpo", "distributed": {"strategy": "ddp"}}, resources={"gpus": 2}
+        ),
+        spec_with(
+            training={"objective": "dpo", "distributed": {"strategy": "fsdp"}},
+            resources={"gpus": 2},
+        ),
+    ),
+    (
+        "dpo-settings-need-dpo",
+        "spec.training.dpo: only used by objective dpo",
+        ".spec.training.dpo",
+        spec_with(training={"objective": "dpo", "dpo": {"beta": 0.5}}),
+        spec_with(training={"objective": "orpo", "dpo": {"beta": 0.5}}),
+    ),
+    (
+        "orpo-settings-need-orpo",
+        "spec.training.orpo: only used by objective orpo",
+        ".spec.training.orpo",
+        spec_with(training={"objective": "orpo", "orpo": {"lambda": 0.2}}),
+        spec_with(training={"orpo": {"lambda": 0.2}}),
+    ),
+    (
+        "dpo-label-smoothing-robust-only",
+        "labelSmoothing: only used by lossType robust",
+        ".spec.training.dpo.labelSmoothing",
+        spec_with(
+            training={"objective": "dpo", "dpo": {"lossType": "robust", "labelSmoothing": 0.1}}
+        ),
+        spec_with(training={"objective": "dpo", "dpo": {"lossType": "ipo", "labelSmoothing": 0.1}}),
+    ),
 ]
 CASE_IDS = [c[0] for c in CASES]
 

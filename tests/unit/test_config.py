@@ -315,6 +315,21 @@ INVALID: list[tuple[str, str, Any, str]] = [
         "method.lora.targetModules",
     ),
     ("no-targets", "method.lora", {"targetModules": []}, "method.lora.targetModules"),
+    ("dpo-beta-0", "training", {"objective": "dpo", "dpo": {"beta": 0}}, "training.dpo.beta"),
+    ("dpo-beta-big", "training", {"objective": "dpo", "dpo": {"beta": 11}}, "training.dpo.beta"),
+    (
+        "dpo-loss",
+        "training",
+        {"objective": "dpo", "dpo": {"lossType": "ppo"}},
+        "training.dpo.lossType",
+    ),
+    (
+        "orpo-lambda-0",
+        "training",
+        {"objective": "orpo", "orpo": {"lambda": 0}},
+        "training.orpo.lambda",
+    ),
+    ("objective-unknown", "training", {"objective": "rlhf"}, "training.objective"),
     (
         "inline-unknown",
         "dataset",
@@ -464,7 +479,39 @@ CROSS_FIELD: list[tuple[str, dict[str, Any], str, str]] = [
         "dataset.labels",
         "duplicates",
     ),
+    (
+        "preference-padding-free",
+        {"dataset": {"source": "s3://b/t", "paddingFree": True}, "training": {"objective": "dpo"}},
+        "dataset.paddingFree",
+        "not used by objective dpo",
+    ),
+    (
+        "preference-data-sft",
+        {"dataset": {"source": "s3://b/t", "format": "preference"}},
+        "training.objective",
+        "needs objective dpo or orpo",
+    ),
+    (
+        "orpo-on-classification",
+        {"task": "sequence-classification", "training": {"objective": "orpo"}},
+        "training.objective",
+        "causal-lm only",
+    ),
 ]
+
+
+def test_preference_objectives_get_their_settings() -> None:
+    dpo = RunConfig.model_validate({**BASE, "training": {"objective": "dpo"}})
+    assert dpo.preference and dpo.training.dpo is not None and dpo.training.orpo is None
+    assert (dpo.training.dpo.beta, dpo.training.dpo.loss_type) == (0.1, "sigmoid")
+    orpo = RunConfig.model_validate(
+        {**BASE, "training": {"objective": "orpo", "orpo": {"lambda": 0.5}}}
+    )
+    assert orpo.training.orpo is not None and orpo.training.orpo.lambda_ == 0.5
+    wire = orpo.model_dump(by_alias=True, exclude_none=True)["training"]
+    assert wire["orpo"] == {"lambda": 0.5} and "dpo" not in wire
+    sft = RunConfig.model_validate(BASE)
+    assert sft.training.objective == "sft" and not sft.preference
 
 
 @pytest.mark.parametrize(

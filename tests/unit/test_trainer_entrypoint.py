@@ -20,6 +20,7 @@ from finetune_trainer.progress import ExitCode, Outcome, Progress, Summary
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / "examples" / "data" / "instructions.jsonl"
+PAIRS = REPO / "examples" / "data" / "preferences.jsonl"
 TOTAL_STEPS = 60
 
 
@@ -29,12 +30,16 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _config(model_dir: Path, out: Path) -> dict[str, Any]:
+def _config(model_dir: Path, out: Path, objective: str = "sft") -> dict[str, Any]:
+    data = {"source": str(DATA), "format": "alpaca"}
+    if objective != "sft":  # preference pairs, format auto-detected
+        data = {"source": str(PAIRS)}
     return {
         "model": {"source": str(model_dir)},
-        "dataset": {"source": str(DATA), "format": "alpaca", "maxSeqLength": 256},
+        "dataset": {**data, "maxSeqLength": 256},
         "method": {"type": "lora"},
         "training": {
+            "objective": objective,
             "maxSteps": TOTAL_STEPS,
             "batchSize": 2,
             "learningRate": 0.005,
@@ -74,11 +79,12 @@ def _progress(port: int) -> Progress | None:
         return None
 
 
+@pytest.mark.parametrize("objective", ["sft", "dpo"])
 def test_sigterm_saves_exits_75_and_the_next_run_resumes(
-    tiny_model_dir: Path, tmp_path: Path
+    objective: str, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "out"
-    proc, port, term = _start(tmp_path, _config(tiny_model_dir, out))
+    proc, port, term = _start(tmp_path, _config(tiny_model_dir, out, objective))
     seen: list[Progress] = []
     try:
         deadline = time.monotonic() + 600
@@ -110,7 +116,7 @@ def test_sigterm_saves_exits_75_and_the_next_run_resumes(
     marker = out / "checkpoints" / f"checkpoint-{summary.last_checkpoint.step}"
     assert (marker / ".finetune-complete.json").exists()
 
-    proc, _, term = _start(tmp_path, _config(tiny_model_dir, out))
+    proc, _, term = _start(tmp_path, _config(tiny_model_dir, out, objective))
     assert proc.wait(timeout=600) == ExitCode.SUCCEEDED
     final = Summary.from_termination_message(term.read_text())
     assert final is not None and final.outcome == Outcome.SUCCEEDED

@@ -332,7 +332,9 @@ def validate(file: FileArg, set_: SetOpt = None, debug: DebugOpt = False) -> Non
     with reported(debug):
         name, run_config = _load(file, set_)
         console.print(
-            f"[green]spec OK[/green]: {name} ({run_config.method.type}, {run_config.task})"
+            f"[green]spec OK[/green]: {name} ({run_config.method.type}, {run_config.task}"
+            + (f", {run_config.training.objective}" if run_config.preference else "")
+            + ")"
         )
         from finetune_trainer.models import fetch_model
         from finetune_trainer.runner import data_summary, generation_eval, prepare_data

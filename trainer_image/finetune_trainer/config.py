@@ -91,7 +91,9 @@ class ModelSpec(SpecModel):
 # --------------------------------------------------------------------------------------------
 # dataset
 # --------------------------------------------------------------------------------------------
-DatasetFormat = Literal["auto", "alpaca", "chat", "completion", "text", "classification"]
+DatasetFormat = Literal[
+    "auto", "alpaca", "chat", "completion", "text", "classification", "preference"
+]
 
 
 class ChatMessage(SpecModel):
@@ -112,6 +114,8 @@ class InlineRecord(SpecModel):
     text: str | None = Field(default=None, max_length=65536)
     label: str | None = Field(default=None, max_length=256)
     messages: list[ChatMessage] | None = Field(default=None, max_length=256)
+    chosen: str | None = Field(default=None, max_length=65536)
+    rejected: str | None = Field(default=None, max_length=65536)
 
 
 class SplitSpec(SpecModel):
@@ -369,8 +373,78 @@ class DistributedSpec(SpecModel):
         return self
 
 
+Objective = Literal["sft", "dpo", "orpo"]
+PREFERENCE_OBJECTIVES = ("dpo", "orpo")
+DpoLoss = Literal[
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "nca_pair",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "sigmoid_norm",
+]
+
+
+class DpoSpec(SpecModel):
+    """Direct Preference Optimization (TRL's DPOTrainer)."""
+
+    beta: float = Field(
+        default=0.1,
+        gt=0.0,
+        le=10.0,
+        description="How far the model may move from the reference (higher: closer); for "
+        "ipo the regularization strength tau.",
+    )
+    loss_type: DpoLoss = Field(
+        default="sigmoid",
+        description="DPO loss variant as TRL names it: sigmoid (the DPO paper), hinge (SLiC), "
+        "ipo, robust, bco_pair, sppo_hard, nca_pair, aot, aot_unpaired, apo_zero, apo_down, "
+        "sigmoid_norm (length-normalized).",
+    )
+    label_smoothing: float = Field(
+        default=0.0,
+        ge=0.0,
+        lt=0.5,
+        description="robust loss only: the assumed probability that a pair's preference is "
+        "flipped (noisy labels).",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> DpoSpec:
+        if self.label_smoothing and self.loss_type != "robust":
+            raise ValueError("labelSmoothing: only used by lossType robust")
+        return self
+
+
+class OrpoSpec(SpecModel):
+    """Odds Ratio Preference Optimization (TRL's ORPOTrainer): no reference model."""
+
+    lambda_: float = Field(
+        default=0.1,
+        alias="lambda",
+        gt=0.0,
+        le=10.0,
+        description="Weight of the odds-ratio (preference) term added to the chosen answers' "
+        "language-modelling loss (the paper's lambda).",
+    )
+
+
 class TrainingSpec(SpecModel):
     """Optimisation hyperparameters. `auto` values follow the rules in docs/training.md."""
+
+    objective: Objective = Field(
+        default="sft",
+        description="What the run optimizes: sft (supervised: learn the completions), dpo or "
+        "orpo (preference tuning on chosen/rejected pairs; needs preference data).",
+    )
+    dpo: DpoSpec | None = Field(default=None, description="DPO settings (objective dpo).")
+    orpo: OrpoSpec | None = Field(default=None, description="ORPO settings (objective orpo).")
 
     epochs: Annotated[int, Field(ge=1, le=1000)] | Auto = Field(
         default="auto", description="Passes over the data, or auto (from dataset size)."
@@ -420,6 +494,18 @@ class TrainingSpec(SpecModel):
         description="Several workers (GPUs, pods): DDP or FSDP; used when the run has more "
         "than one worker.",
     )
+
+    @model_validator(mode="after")
+    def _objective_settings(self) -> TrainingSpec:
+        if self.dpo is not None and self.objective != "dpo":
+            raise ValueError(f"dpo: only used by objective dpo, not {self.objective}")
+        if self.orpo is not None and self.objective != "orpo":
+            raise ValueError(f"orpo: only used by objective orpo, not {self.objective}")
+        if self.objective == "dpo" and self.dpo is None:
+            self.dpo = DpoSpec()
+        if self.objective == "orpo" and self.orpo is None:
+            self.orpo = OrpoSpec()
+        return self
 
     @model_validator(mode="after")
     def _save_at_evaluations(self) -> TrainingSpec:
@@ -530,7 +616,45 @@ class RunConfig(SpecModel):
             )
         self._check_virtual_tokens()
         self._check_fsdp()
+        self._check_preference()
         return self
+
+    @property
+    def preference(self) -> bool:
+        """Whether the run tunes on chosen/rejected pairs (objective dpo or orpo)."""
+        return self.training.objective in PREFERENCE_OBJECTIVES
+
+    def _check_preference(self) -> None:
+        """Preference objectives and preference data go together (causal LM only)."""
+        objective, fmt = self.training.objective, self.dataset.format
+        if fmt == "preference" and not self.preference:
+            raise ValueError(
+                "training.objective: preference data (prompt/chosen/rejected) needs objective "
+                "dpo or orpo"
+            )
+        if not self.preference:
+            return
+        if self.task != "causal-lm":
+            raise ValueError(f"training.objective: {objective} trains causal-lm only")
+        if fmt not in ("auto", "preference"):
+            raise ValueError(
+                f"dataset.format: objective {objective} needs preference data "
+                f"(prompt/chosen/rejected), not {fmt}"
+            )
+        if self.dataset.packing:
+            raise ValueError(f"dataset.packing: not used by objective {objective}")
+        if self.dataset.padding_free is True:
+            raise ValueError(f"dataset.paddingFree: not used by objective {objective}")
+        if self.method.type in VIRTUAL_TOKEN_METHODS:
+            raise ValueError(
+                f"method.type: {self.method.type} tuning is not supported with objective "
+                f"{objective}; use lora, dora, qlora, ia3 or full"
+            )
+        if self.training.distributed.strategy == "fsdp":
+            raise ValueError(
+                f"training.distributed.strategy: objective {objective} is not sharded by FSDP "
+                "here; use ddp"
+            )
 
     def _check_fsdp(self) -> None:
         """What FSDP cannot shard."""

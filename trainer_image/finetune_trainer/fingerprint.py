@@ -129,6 +129,9 @@ def of_run(run: RunConfig, prepared: Any) -> Fingerprint:
         _flatten(f"training.{key}", training[key], fields)
     if run.training.early_stopping is not None:  # patience counts evaluations
         fields["training.evalSteps"] = training["evalSteps"]
+    if run.preference:  # absent for sft, so runs written before objectives existed still match
+        for key in ("objective", "dpo", "orpo"):
+            _flatten(f"training.{key}", training[key], fields)
     fields["dataset.packing"] = run.dataset.packing
     fields["dataset.completionOnlyLoss"] = bool(prepared.completion_only_loss)
     fields["dataset.labels"] = prepared.label_names

@@ -75,14 +75,23 @@ class HeldOut:
     references: list[str]
 
 
+def _prompts_and_references(dataset: Any) -> Any:
+    """(prompt, reference) token ids of each example that has both; for preference pairs the
+    reference is the chosen answer."""
+    if "prompt_ids" in dataset.column_names:
+        yield from zip(dataset["prompt_ids"], dataset["chosen_ids"], strict=True)
+        return
+    for ids, mask in zip(dataset["input_ids"], dataset["completion_mask"], strict=True):
+        split = split_prompt(list(ids), list(mask))
+        if split is not None:
+            yield split
+
+
 def held_out(dataset: Any, tokenizer: Any, examples: int) -> HeldOut:
     """The first `examples` held-out examples that have a prompt and a completion."""
     prompts, prompt_texts, references = [], [], []
-    for ids, mask in zip(dataset["input_ids"], dataset["completion_mask"], strict=True):
-        split = split_prompt(list(ids), list(mask))
-        if split is None:
-            continue
-        prompt, reference = split
+    for prompt, reference in _prompts_and_references(dataset):
+        prompt = list(prompt)
         prompts.append(prompt)
         prompt_texts.append(tokenizer.decode(prompt, skip_special_tokens=False))
         references.append(tokenizer.decode(reference, skip_special_tokens=True).strip())

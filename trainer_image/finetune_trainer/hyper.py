@@ -22,6 +22,9 @@ AUTO_LEARNING_RATE = {
     "prefix": 1e-2,
     "prompt": 3e-2,
 }
+#: learningRate auto of a preference objective (dpo, orpo): the method's rate divided by this
+#: (preference tuning moves a model that already answers; TRL's defaults are lower still).
+PREFERENCE_LR_DIVISOR = 10
 CPU_AUTO_BATCH = 8
 GPU_AUTO_BATCH_START = 64
 
@@ -64,6 +67,16 @@ def probe_batch_size(model: Any, seq_len: int, start: int) -> int:
     return found
 
 
+def pairs_per_batch(run: RunConfig, sequences: int) -> int:
+    """The probed batch (`sequences` that fit one forward+backward) in preference pairs: each
+    pair is two sequences; a full fine-tune under DPO also holds a frozen reference copy of
+    the weights, which the probe did not see, so it gets half again."""
+    if not run.preference:
+        return sequences
+    share = 4 if run.training.objective == "dpo" and run.method.type == "full" else 2
+    return max(1, sequences // share)
+
+
 @dataclass(frozen=True)
 class Resolved:
     """Concrete hyperparameters for one run."""
@@ -81,9 +94,12 @@ def resolve(run: RunConfig, n_train: int, device: str, planned: Planned | None =
     estimate's resolution (finetune_trainer.planning) for this run on this GPU."""
     t = run.training
     epochs = float(auto_epochs(n_train) if t.epochs == "auto" else t.epochs)
-    lr = (
-        AUTO_LEARNING_RATE[run.method.type] if t.learning_rate == "auto" else float(t.learning_rate)
-    )
+    if t.learning_rate != "auto":
+        lr = float(t.learning_rate)
+    elif run.preference:
+        lr = AUTO_LEARNING_RATE[run.method.type] / PREFERENCE_LR_DIVISOR
+    else:
+        lr = AUTO_LEARNING_RATE[run.method.type]
     if t.batch_size != "auto":
         batch: int | None = int(t.batch_size)
     elif device == "cuda":

@@ -90,6 +90,40 @@ def _fmt(value: Any) -> str:
     )
 
 
+def _objective(run: RunConfig) -> str:
+    """', objective dpo (beta 0.1, sigmoid loss)' for a preference run, else ''."""
+    t = run.training
+    if t.dpo is not None:
+        return f", objective **dpo** (beta {t.dpo.beta}, {t.dpo.loss_type} loss)"
+    if t.orpo is not None:
+        return f", objective **orpo** (lambda {t.orpo.lambda_})"
+    return ""
+
+
+def _preference_section(metrics: dict[str, Any]) -> list[str]:
+    """Held-out pairs ranked before and after training, when the run measured them."""
+    if "preference_accuracy" not in metrics:
+        return []
+    rows = [
+        ("preference accuracy", "preference_accuracy"),
+        ("preference margin (nats/token)", "preference_margin"),
+    ]
+    return [
+        "## Preference on held-out pairs",
+        "",
+        f"{int(metrics.get('preference_pairs', 0))} pairs; the model prefers an answer when its "
+        "mean log-probability per token is higher.",
+        "",
+        "| | before | after |",
+        "|---|---|---|",
+        *(
+            f"| {title} | {_fmt(metrics.get('baseline_' + key))} | {_fmt(metrics[key])} |"
+            for title, key in rows
+        ),
+        "",
+    ]
+
+
 def write_model_card(
     run: RunConfig, metrics: dict[str, Any], data_stats: dict[str, Any], out: Path, name: str
 ) -> Path:
@@ -110,8 +144,9 @@ def write_model_card(
     lines = [
         f"# {name}",
         "",
-        f"Fine-tuned from `{run.model.source}` with **{method}** ({run.task}).",
+        f"Fine-tuned from `{run.model.source}` with **{method}** ({run.task}{_objective(run)}).",
         "",
+        *_preference_section(metrics),
         "## Training data",
         "",
         "| | |",

@@ -230,6 +230,10 @@ def _build_trainer(
     args: dict[str, Any],
     callbacks: list[Any],
 ) -> Any:
+    if run.preference:
+        from finetune_trainer import preference
+
+        return preference.build_trainer(run, model, tokenizer, prepared, args, callbacks)
     if run.task == "sequence-classification":
         import numpy as np
         from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
@@ -307,29 +311,56 @@ def logged_train_loss(log_history: list[dict[str, Any]]) -> float | None:
 
 
 # What an evaluation reports: loss; accuracy (classification); the share of next tokens
-# predicted right (causal LM, from TRL). Timings, token counts and entropy are left out.
-EVAL_RESULTS = ("loss", "accuracy", "mean_token_accuracy")
+# predicted right (causal LM, from TRL); a preference trainer's reward accuracy and margin (as
+# TRL names them: our name). Timings, token counts and entropy are left out.
+EVAL_RESULTS = {
+    "loss": "loss",
+    "accuracy": "accuracy",
+    "mean_token_accuracy": "mean_token_accuracy",
+    "rewards/accuracies": "reward_accuracy",
+    "rewards/margins": "reward_margin",
+}
 
 
-def evaluation_metrics(raw: dict[str, float], prefix: str, task: str) -> dict[str, float]:
+def evaluation_metrics(
+    raw: dict[str, float], prefix: str, task: str, preference: bool = False
+) -> dict[str, float]:
     """The results of one evaluation (`EVAL_RESULTS`), and the perplexity (exp of the loss)
-    for causal LM; a classifier's loss has no perplexity."""
+    for causal LM; a classifier's loss and a preference loss have no perplexity."""
     metrics = {
-        f"{prefix}_{k}": raw[f"{prefix}_{k}"] for k in EVAL_RESULTS if f"{prefix}_{k}" in raw
+        f"{prefix}_{ours}": raw[f"{prefix}_{k}"]
+        for k, ours in EVAL_RESULTS.items()
+        if f"{prefix}_{k}" in raw
     }
     loss = metrics.get(f"{prefix}_loss")
-    if task == "causal-lm" and loss is not None:
+    if task == "causal-lm" and loss is not None and not preference:
         metrics[f"{prefix}_perplexity"] = math.exp(min(loss, 50.0))
     return metrics
 
 
 def _evaluate(
-    trainer: Any, dataset: Any, prefix: str, task: str, *, base: bool
+    trainer: Any, dataset: Any, prefix: str, run: RunConfig, *, base: bool
 ) -> dict[str, float]:
     """Evaluate on `dataset`; `base` evaluates the untuned model (adapter disabled)."""
     with untuned(trainer.model) if base else contextlib.nullcontext():
         raw: dict[str, float] = trainer.evaluate(dataset, metric_key_prefix=prefix)
-    return evaluation_metrics(raw, prefix, task)
+    return evaluation_metrics(raw, prefix, run.task, run.preference)
+
+
+def preference_metrics(
+    run: RunConfig, model: Any, tokenizer: Any, prepared: Any, *, base: bool
+) -> dict[str, float]:
+    """How `model` ranks the held-out pairs (validation split, else test split): share of
+    pairs it prefers chosen on and the mean margin; `base` scores the untuned model, under
+    `baseline_*`. Empty for a run that is not preference tuning or has no held-out pairs."""
+    split = prepared.eval if prepared.eval is not None else prepared.test
+    if not run.preference or split is None:
+        return {}
+    from finetune_trainer.preference import score_pairs
+
+    with untuned(model) if base else contextlib.nullcontext():
+        scores = score_pairs(model, tokenizer, split)
+    return scores.metrics("baseline_" if base else "")
 
 
 def generation_eval(run: RunConfig, prepared: Any, tokenizer: Any) -> GenerationEval | None:
@@ -383,7 +414,13 @@ def prepare_data(run: RunConfig, local: LocalModel) -> tuple[Any, Any]:
 
     tokenizer = load_tokenizer(local, run.model)
     try:
-        prepared = prepare_dataset(run.dataset, run.task, tokenizer, seed=run.training.seed)
+        prepared = prepare_dataset(
+            run.dataset,
+            run.task,
+            tokenizer,
+            seed=run.training.seed,
+            objective=run.training.objective,
+        )
     except DatasetError as exc:
         raise InvalidInputError(str(exc)) from exc
     return tokenizer, prepared
@@ -574,6 +611,7 @@ def _load_model(run: RunConfig, ctx: RunContext, data: _Data) -> _Model:
         if device == "cuda" and next(model.parameters()).device.type != "cuda":
             model.to(f"cuda:{ctx.rank.local_rank}")  # k-bit models are placed (refuse .to)
         batch_size = hyper.probe_batch_size(model, run.dataset.max_seq_length, hp.probe_start)
+        batch_size = hyper.pairs_per_batch(run, batch_size)
     batch_size = smallest(batch_size)  # what every GPU of the run can hold
     if hp.batch_size is None:
         log.info("auto batch size: %d per worker", batch_size)
@@ -611,12 +649,17 @@ def _baseline(
     metrics: dict[str, Any] = {}
     if data.prepared.eval is not None and not sharded:
         ctx.tracker.phase(Phase.EVALUATING, "baseline: the untuned model on the validation split")
-        base = _evaluate(trainer, data.prepared.eval, "eval", run.task, base=True)
+        base = _evaluate(trainer, data.prepared.eval, "eval", run, base=True)
         metrics.update({f"baseline_{k}": v for k, v in base.items()})
         history.baseline = {"step": 0, "epoch": 0.0, **base}
         # accelerate marks a model it prepared for evaluation as prepared, and would then not
         # wrap it for DDP in train(): every rank would train alone. Let train() prepare it.
         trainer.model._is_accelerate_prepared = False
+    if run.preference and (data.prepared.eval is not None or data.prepared.test is not None):
+        ctx.tracker.phase(Phase.EVALUATING, "baseline: how the untuned model ranks held-out pairs")
+        metrics.update(
+            preference_metrics(run, trainer.model, data.tokenizer, data.prepared, base=True)
+        )
     if data.generation is not None and sharded:
         log.warning("evaluation.generation: skipped (FSDP shards the model: it cannot generate)")
         data.generation = None
@@ -751,7 +794,10 @@ def _final_metrics(
         if dataset is not None:
             name = "validation" if split == "eval" else "test"
             ctx.tracker.phase(Phase.EVALUATING, f"{name} split")
-            metrics.update(_evaluate(trainer, dataset, split, run.task, base=False))
+            metrics.update(_evaluate(trainer, dataset, split, run, base=False))
+    if run.preference and (prepared.eval is not None or prepared.test is not None):
+        ctx.tracker.phase(Phase.EVALUATING, "how the tuned model ranks held-out pairs")
+        metrics.update(preference_metrics(run, trainer.model, data.tokenizer, prepared, base=False))
     if data.generation is not None and ctx.rank.is_main:  # rank 0 has the whole (DDP) model
         n = len(data.generation.held.prompts)
         ctx.tracker.phase(Phase.EVALUATING, f"the tuned model answers {n} prompts")
@@ -981,6 +1027,12 @@ def _summary(
         "eval_accuracy",
         "baseline_eval_accuracy",
         "test_accuracy",
+        "preference_accuracy",
+        "baseline_preference_accuracy",
+        "preference_margin",
+        "baseline_preference_margin",
+        "eval_reward_accuracy",
+        "eval_reward_margin",
         "runtime_seconds",
     )
     weights_uri = join(run.output.uri, weights_dir(run))

@@ -11,7 +11,15 @@ chat             messages: [{role, content}], roles system/    --
 completion       prompt (str), completion (str)               --
 text             text (str)                                   --
 classification   text (str), label (str or int)               --
+preference       chosen, rejected (str, or one assistant      --
+                 message); and prompt (str) or messages (the
+                 chat history the answers reply to)
 ================ ============================================ ==============================
+
+Preference records come in two variants: plain (``prompt`` text, answers appended verbatim, as
+the completion format) and chat (``messages``: a history ending with a user turn, rendered
+with the chat template; TRL's conversational layout, a ``prompt`` list of messages and the
+answers as ``[{"role": "assistant", ...}]``, is accepted too).
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ from typing import Any
 from finetune_trainer.data.records import Origin
 from finetune_trainer.data.report import Issue
 
-FORMATS = ("alpaca", "chat", "completion", "text", "classification")
+FORMATS = ("alpaca", "chat", "completion", "text", "classification", "preference")
 CHAT_ROLES = ("system", "user", "assistant")
 ROLE_HINTS = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant"}
 
@@ -32,10 +40,12 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "completion": ("prompt", "completion"),
     "text": ("text",),
     "classification": ("text", "label"),
+    "preference": ("chosen", "rejected"),
 }
-OPTIONAL: dict[str, tuple[str, ...]] = {"alpaca": ("input",)}
+OPTIONAL: dict[str, tuple[str, ...]] = {"alpaca": ("input",), "preference": ("prompt", "messages")}
 # Detection order for causal LM data: the first signature a record fully matches wins.
 SIGNATURES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("preference", ("chosen", "rejected")),
     ("chat", ("messages",)),
     ("alpaca", ("instruction", "output")),
     ("completion", ("prompt", "completion")),
@@ -74,7 +84,8 @@ def detect_format(records: list[Any], task: str) -> tuple[str | None, str]:
         seen = ", ".join(k for k, _ in keys.most_common(8)) or "none"
         return None, (
             "no record has the fields of a known format: messages (chat), instruction + output "
-            "(alpaca), prompt + completion (completion) or text (text); fields found: "
+            "(alpaca), prompt + completion (completion), text (text) or chosen + rejected "
+            "(preference); fields found: "
             f"{seen}. Rename the fields or set dataset.format"
         )
     order = [fmt for fmt, _ in SIGNATURES]
@@ -123,29 +134,29 @@ def _check_text(
     return value
 
 
-def _check_chat(record: dict[str, Any], origin: Origin, issues: list[Issue]) -> Any:
-    if "messages" not in record:
+def _check_messages(record: dict[str, Any], key: str, origin: Origin, issues: list[Issue]) -> Any:
+    """The messages list under `key`, each {role, content} checked; None after adding issues."""
+    if key not in record:
         have = ", ".join(sorted(record)) or "no fields"
-        issues.append(Issue("missing_field", f"field 'messages' is missing (has: {have})", origin))
+        issues.append(Issue("missing_field", f"field '{key}' is missing (has: {have})", origin))
         return None
-    messages = record["messages"]
+    messages = record[key]
     if not isinstance(messages, list):
         issues.append(
             Issue(
                 "wrong_type",
-                f"field 'messages' must be an array of {{role, content}}, got "
-                f"{_type_name(messages)}",
+                f"field '{key}' must be an array of {{role, content}}, got {_type_name(messages)}",
                 origin,
             )
         )
         return None
     if not messages:
-        issues.append(Issue("empty_field", "field 'messages' is empty", origin))
+        issues.append(Issue("empty_field", f"field '{key}' is empty", origin))
         return None
     clean: list[dict[str, str]] = []
     before = len(issues)
     for i, message in enumerate(messages):
-        where = f"messages[{i}]"
+        where = f"{key}[{i}]"
         if not isinstance(message, dict):
             issues.append(
                 Issue("wrong_type", f"{where} must be an object, got {_type_name(message)}", origin)
@@ -184,7 +195,12 @@ def _check_chat(record: dict[str, Any], origin: Origin, issues: list[Issue]) -> 
             issues.append(Issue("empty_field", f"{where}.content is empty", origin))
         if isinstance(role, str) and isinstance(content, str):
             clean.append({"role": role, "content": content})
-    if len(issues) > before:
+    return None if len(issues) > before else clean
+
+
+def _check_chat(record: dict[str, Any], origin: Origin, issues: list[Issue]) -> Any:
+    clean = _check_messages(record, "messages", origin, issues)
+    if clean is None:
         return None
     if not any(m["role"] == "assistant" for m in clean):
         issues.append(
@@ -192,6 +208,81 @@ def _check_chat(record: dict[str, Any], origin: Origin, issues: list[Issue]) -> 
         )
         return None
     return {"messages": clean}
+
+
+def _check_answer(record: dict[str, Any], key: str, origin: Origin, issues: list[Issue]) -> Any:
+    """A preference answer: a string, or a list of one assistant message (TRL's layout)."""
+    value = record.get(key)
+    if not isinstance(value, list):
+        return _check_text(record, key, origin, issues, required=True)
+    messages = _check_messages(record, key, origin, issues)
+    if messages is None:
+        return None
+    if len(messages) != 1 or messages[0]["role"] != "assistant":
+        issues.append(
+            Issue(
+                "wrong_type",
+                f"field '{key}' must be a string or one assistant message, got "
+                f"{len(messages)} messages",
+                origin,
+            )
+        )
+        return None
+    return messages[0]["content"]
+
+
+def _check_preference(record: dict[str, Any], origin: Origin, issues: list[Issue]) -> Any:
+    """A preference pair: the prompt (text) or chat history, and two different answers."""
+    before = len(issues)
+    chosen = _check_answer(record, "chosen", origin, issues)
+    rejected = _check_answer(record, "rejected", origin, issues)
+    out: dict[str, Any] = {}
+    history_key = "messages" if "messages" in record else None
+    if isinstance(record.get("prompt"), list):
+        history_key = "prompt" if history_key is None else history_key
+    if "messages" in record and "prompt" in record:
+        issues.append(
+            Issue(
+                "conflicting_fields",
+                "set either 'prompt' (text) or 'messages' (chat history), not both",
+                origin,
+            )
+        )
+    elif history_key is not None:
+        messages = _check_messages(record, history_key, origin, issues)
+        if messages is not None and messages[-1]["role"] == "assistant":
+            issues.append(
+                Issue(
+                    "bad_history",
+                    f"{history_key}[{len(messages) - 1}] is an assistant turn: the history must "
+                    "end with the user turn that chosen and rejected answer",
+                    origin,
+                )
+            )
+        out["messages"] = messages
+    elif "prompt" not in record:
+        have = ", ".join(sorted(record)) or "no fields"
+        issues.append(
+            Issue(
+                "missing_field",
+                f"field 'prompt' (or 'messages' for chat) is missing (has: {have})",
+                origin,
+            )
+        )
+    else:
+        out["prompt"] = _check_text(record, "prompt", origin, issues, required=True)
+    if len(issues) > before:
+        return None
+    if chosen.strip() == rejected.strip():
+        issues.append(
+            Issue(
+                "identical_answers",
+                "chosen and rejected are the same answer: the pair expresses no preference",
+                origin,
+            )
+        )
+        return None
+    return {**out, "chosen": chosen, "rejected": rejected}
 
 
 def check_record(record: Any, fmt: str, origin: Origin, issues: list[Issue]) -> Any:
@@ -203,6 +294,8 @@ def check_record(record: Any, fmt: str, origin: Origin, issues: list[Issue]) -> 
         return None
     if fmt == "chat":
         return _check_chat(record, origin, issues)
+    if fmt == "preference":
+        return _check_preference(record, origin, issues)
     before = len(issues)
     out: dict[str, Any] = {}
     for key in REQUIRED[fmt]:

@@ -12,7 +12,13 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-from finetune_trainer.config import DatasetSpec, SplitSpec, TaskType
+from finetune_trainer.config import (
+    PREFERENCE_OBJECTIVES,
+    DatasetSpec,
+    Objective,
+    SplitSpec,
+    TaskType,
+)
 from finetune_trainer.data.formats import check_record, detect_format, unused_fields
 from finetune_trainer.data.labels import (
     LabelMapper,
@@ -21,6 +27,7 @@ from finetune_trainer.data.labels import (
     map_labels,
 )
 from finetune_trainer.data.loading import load_records, load_source
+from finetune_trainer.data.pairs import PairTokens, pair_stats, render_pair, split_pairs
 from finetune_trainer.data.records import Origin, RawDataset
 from finetune_trainer.data.report import DatasetError, ValidationReport
 from finetune_trainer.data.split import ratio_split
@@ -36,6 +43,7 @@ from finetune_trainer.data.templates import (
 from finetune_trainer.data.tokenize import tokenize_rendered, tokenize_texts
 
 BOUNDARY_FORMATS = ("alpaca", "chat", "completion")
+CHAT_TEMPLATE_FORMATS = ("chat", "preference")
 
 
 @dataclass
@@ -44,7 +52,9 @@ class PreparedDataset:
 
     Causal LM splits have columns ``input_ids`` (ends with eos unless truncated) and
     ``completion_mask`` (1 on the tokens the loss counts). Sequence classification splits have
-    ``input_ids``, ``attention_mask`` and ``labels`` (ids into ``label_names``).
+    ``input_ids``, ``attention_mask`` and ``labels`` (ids into ``label_names``). Preference
+    splits have ``prompt_ids``, ``chosen_ids`` and ``rejected_ids`` (the answers end with eos
+    unless truncated), what TRL's preference trainers take.
     """
 
     train: Any
@@ -72,6 +82,7 @@ class _Part:
     input_ids: list[list[int]] = field(default_factory=list)
     masks: list[list[int]] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
+    pairs: list[PairTokens] = field(default_factory=list)  # preference: prompt/chosen/rejected
 
     def take(self, indices: list[int], name: str) -> _Part:
         def pick(values: list[Any]) -> list[Any]:
@@ -85,6 +96,7 @@ class _Part:
             pick(self.input_ids),
             pick(self.masks),
             pick(self.labels),
+            pick(self.pairs),
         )
 
     def __len__(self) -> int:
@@ -100,13 +112,17 @@ class _Part:
             self.input_ids + other.input_ids,
             self.masks + other.masks,
             self.labels + other.labels,
+            self.pairs + other.pairs,
         )
 
 
 class _Pipeline:
-    def __init__(self, spec: DatasetSpec, task: TaskType, tokenizer: Any, seed: int) -> None:
+    def __init__(
+        self, spec: DatasetSpec, task: TaskType, tokenizer: Any, seed: int, objective: Objective
+    ) -> None:
         self.spec = spec
         self.task = task
+        self.objective = objective
         self.tokenizer = tokenizer
         self.seed = seed
         self.report = ValidationReport(spec.source or "dataset.inline")
@@ -148,12 +164,17 @@ class _Pipeline:
             raise DatasetError(self.report)
         self.format = fmt
         self.report.format, self.report.format_reason = fmt, reason
+        self._check_objective()
         extra = unused_fields(raw.records, fmt)
         if extra:
             listed = ", ".join(f"{k} ({n} records)" for k, n in extra.most_common(8))
             self.report.note(f"fields not used by the {fmt} format are ignored: {listed}")
         if fmt == "classification":
             self.completion_only = False
+        elif fmt == "preference":
+            self.completion_only = True  # the answers, scored against each other
+            if spec.completion_only_loss is False:
+                self.report.warn("dataset.completionOnlyLoss is not used by preference data")
         elif spec.completion_only_loss is None:
             self.completion_only = fmt in BOUNDARY_FORMATS
         elif spec.completion_only_loss and fmt not in BOUNDARY_FORMATS:
@@ -164,15 +185,35 @@ class _Pipeline:
             )
         else:
             self.completion_only = bool(spec.completion_only_loss)
-        if fmt != "classification":
+        if fmt == "preference":
+            self.report.note(f"{self.objective} on chosen/rejected answers (prompt not scored)")
+        elif fmt != "classification":
             what = "completion/assistant tokens and eos" if self.completion_only else "all tokens"
             self.report.note(f"loss on {what}")
-        if spec.template is not None and fmt != "chat":
+        if spec.template is not None and fmt not in CHAT_TEMPLATE_FORMATS:
             self.report.warn(f"dataset.template is only used by chat data; ignored for {fmt}")
-        if spec.system_prompt is not None and fmt != "chat":
+        if spec.system_prompt is not None and fmt not in CHAT_TEMPLATE_FORMATS:
             self.report.warn(f"dataset.systemPrompt is only used by chat data; ignored for {fmt}")
         if fmt == "chat":
             self._setup_chat()
+
+    def _check_objective(self) -> None:
+        """Preference data and preference objectives go together (auto-detected formats too)."""
+        preference = self.objective in PREFERENCE_OBJECTIVES
+        if preference and self.format != "preference":
+            self.report.add(
+                "settings",
+                f"training.objective {self.objective} needs preference data (prompt or messages "
+                f"+ chosen + rejected); this data is {self.format} ({self.report.format_reason})",
+            )
+            raise DatasetError(self.report)
+        if not preference and self.format == "preference":
+            self.report.add(
+                "settings",
+                "preference data (chosen + rejected) needs training.objective dpo or orpo; "
+                f"training.objective is {self.objective}",
+            )
+            raise DatasetError(self.report)
 
     def _setup_chat(self) -> None:
         tok = self.tokenizer
@@ -267,6 +308,9 @@ class _Pipeline:
         return out
 
     def _tokenize(self, part: _Part) -> None:
+        if self.format == "preference":
+            self._tokenize_pairs(part)
+            return
         rendered = self._render(part)
         keep = [i for i, r in enumerate(rendered) if r is not None]
         if len(keep) < len(part):
@@ -286,6 +330,76 @@ class _Pipeline:
             )
             part.input_ids, part.masks = tokenized.input_ids, tokenized.masks
         self._apply_length_policy(part, usable)
+
+    def _tokenize_pairs(self, part: _Part) -> None:
+        """Render and tokenize each pair, split it into prompt/chosen/rejected token ids, and
+        apply dataset.overlong to the longer of prompt + chosen and prompt + rejected."""
+        if self.renderer is None and any("messages" in r for r in part.records):
+            self._setup_chat()  # the chat variant: a message history, not a prompt text
+        rendered: list[tuple[Rendered, Rendered, bool] | None] = []
+        for record, origin in zip(part.records, part.origins, strict=True):
+            try:
+                rendered.append(render_pair(record, self.renderer))
+            except TemplateError as exc:
+                self.report.add("template_error", str(exc), origin)
+                rendered.append(None)
+        keep = [i for i, r in enumerate(rendered) if r is not None]
+        pairs = split_pairs(self.tokenizer, [r for r in rendered if r is not None])
+        kept = part.take(keep, part.name)
+        part.records, part.origins, part.keys = kept.records, kept.origins, kept.keys
+        usable: list[PairTokens] = []
+        limit, policy = self.spec.max_seq_length, self.spec.overlong
+        keep = []
+        for i, (pair, origin) in enumerate(zip(pairs, part.origins, strict=True)):
+            if pair is None:
+                self.report.add(
+                    "template_error", "the answers could not be told apart from the prompt", origin
+                )
+                continue
+            if pair.length > limit:
+                message = (
+                    f"{pair.length} tokens (prompt {len(pair.prompt)} + the longer answer) > "
+                    f"maxSeqLength {limit}"
+                )
+                if policy == "error":
+                    self.report.add("overlong", message, origin)
+                    continue
+                if policy == "drop":
+                    self.report.add(
+                        "overlong", message, origin, severity="warning", action="dropped"
+                    )
+                    self.stats.dropped_overlong += 1
+                    continue
+                if len(pair.prompt) >= limit:
+                    self.report.add(
+                        "prompt_too_long",
+                        f"the prompt has {len(pair.prompt)} tokens: with maxSeqLength {limit} "
+                        "no token of either answer fits",
+                        origin,
+                        severity="warning",
+                        action="dropped",
+                    )
+                    self.stats.dropped_no_loss += 1
+                    continue
+                pair = pair.truncated(limit)
+                self.report.add("overlong", message, origin, severity="warning", action="truncated")
+                self.stats.truncated += 1
+                if pair.chosen == pair.rejected:
+                    self.report.add(
+                        "identical_answers",
+                        f"chosen and rejected are the same in their first {limit - len(pair.prompt)}"
+                        " tokens: after truncation the pair expresses no preference",
+                        origin,
+                        severity="warning",
+                        action="dropped",
+                    )
+                    self.stats.dropped_no_loss += 1
+                    continue
+            keep.append(i)
+            usable.append(pair)
+        kept = part.take(keep, part.name)
+        part.records, part.origins, part.keys = kept.records, kept.origins, kept.keys
+        part.pairs = usable
 
     def _apply_length_policy(self, part: _Part, rendered: list[Rendered]) -> None:
         limit = self.spec.max_seq_length
@@ -426,6 +540,9 @@ class _Pipeline:
             raise DatasetError(self.report)
         ordered = [train, *(by_name[n] for n in ("validation", "test") if n in by_name)]
         for part in ordered:
+            if self.format == "preference":
+                self.stats.splits[part.name] = pair_stats(part.pairs)
+                continue
             lengths = [len(ids) for ids in part.input_ids]
             in_loss = (
                 [0] * len(lengths)
@@ -477,6 +594,14 @@ class _Pipeline:
     def _build(self, part: _Part) -> Any:
         from datasets import Dataset
 
+        if self.format == "preference":
+            return Dataset.from_dict(
+                {
+                    "prompt_ids": [p.prompt for p in part.pairs],
+                    "chosen_ids": [p.chosen for p in part.pairs],
+                    "rejected_ids": [p.rejected for p in part.pairs],
+                }
+            )
         if self.format == "classification":
             return Dataset.from_dict(
                 {
@@ -489,11 +614,17 @@ class _Pipeline:
 
 
 def prepare_dataset(
-    spec: DatasetSpec, task: TaskType, tokenizer: Any, *, seed: int
+    spec: DatasetSpec,
+    task: TaskType,
+    tokenizer: Any,
+    *,
+    seed: int,
+    objective: Objective = "sft",
 ) -> PreparedDataset:
-    """Load, check, clean, tokenize and split the dataset of a run.
+    """Load, check, clean, tokenize and split the dataset of a run (`objective` dpo and orpo
+    need preference data, sft any other format).
 
     Raises DatasetError (exit code 65, never retried) listing every hard problem found; a
     source that cannot be reached is a TransientError (retryable).
     """
-    return _Pipeline(spec, task, tokenizer, seed).run()
+    return _Pipeline(spec, task, tokenizer, seed, objective).run()

@@ -29,6 +29,10 @@ KINDS: dict[str, str] = {
     "overlong": "longer than maxSeqLength",
     "no_loss_tokens": "no loss tokens left after truncation",
     "duplicate": "duplicate record",
+    "identical_answers": "chosen identical to rejected",
+    "conflicting_fields": "conflicting fields",
+    "bad_history": "chat history not ending with a user turn",
+    "prompt_too_long": "prompt leaves no room for an answer",
     "split": "split",
     "settings": "dataset settings",
 }
