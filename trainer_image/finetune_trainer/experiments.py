@@ -458,7 +458,8 @@ class Experiments:
     def callbacks(self) -> list[Any]:
         """The Trainer callbacks: each tracker's integration, guarded."""
         self._each("setup", lambda t: t.callback)
-        return [_Guarded(t, self._fail) for t in self.live]
+        # one class per tracker: the Trainer holds at most one callback of each class
+        return [type(f"Guarded{t.name.title()}", (_Guarded,), {})(t, self._fail) for t in self.live]
 
     def open(self, hyperparameters: dict[str, Any], dataset: dict[str, Any]) -> None:
         """Open every tracker's run (reattach to the runs of an earlier attempt), record the
