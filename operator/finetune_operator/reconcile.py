@@ -220,7 +220,7 @@ class Observer:
         policy, kube = self.runtime.policy, self.runtime.kube
         service = build_service(name, namespace, spec)
         children = [build_configmap(name, namespace, spec), *([service] if service else [])]
-        job = build_job(name, namespace, spec, policy)
+        job = build_job(name, namespace, spec, policy, uid)
         kopf.adopt([*children, job], owner=self.body)
         for child in children:
             await ensure(kube, child, uid)
