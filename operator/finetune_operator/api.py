@@ -16,7 +16,7 @@ from finetune_trainer.config import (
     format_errors,
     run_field_names,
 )
-from finetune_trainer.progress import CheckpointInfo, WireModel
+from finetune_trainer.progress import CheckpointInfo, TrackerInfo, WireModel
 from pydantic import Field, ValidationError, model_validator
 
 GROUP = "finetune.dev"
@@ -229,7 +229,7 @@ def parse_spec(spec: dict[str, Any]) -> FineTuneJobSpec:
 # status
 # --------------------------------------------------------------------------------------------
 JobPhase = Literal["Pending", "ValidatingData", "Running", "Succeeded", "Failed", "Suspended"]
-ConditionType = Literal["Created", "Running", "Succeeded", "Failed", "Suspended"]
+ConditionType = Literal["Created", "Running", "Succeeded", "Failed", "Suspended", "Tracking"]
 
 
 class Condition(WireModel):
@@ -275,6 +275,12 @@ class ResultStatus(WireModel):
     metrics: dict[str, float] | None = None
     trainable_params: int | None = Field(default=None, ge=0)
     trained_tokens: int | None = Field(default=None, ge=0)
+    tracking: list[TrackerInfo] | None = Field(
+        default=None,
+        max_length=3,
+        description="The run in each experiment tracker (MLflow or W&B run page, TensorBoard "
+        "event files).",
+    )
 
 
 class WorkersStatus(WireModel):
@@ -293,6 +299,11 @@ class FineTuneJobStatus(WireModel):
     progress: ProgressStatus | None = None
     checkpoints: list[CheckpointInfo] = Field(default_factory=list, max_length=32)
     result: ResultStatus | None = None
+    tracking: list[TrackerInfo] | None = Field(
+        default=None,
+        max_length=3,
+        description="Where spec.tracking's trackers show the run, from the start of training.",
+    )
     start_time: datetime | None = None
     completion_time: datetime | None = None
     attempts: int | None = Field(default=None, ge=0)

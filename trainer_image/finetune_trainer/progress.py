@@ -131,7 +131,7 @@ class Progress(WireModel):
     eta_seconds: float | None = None
     trained_tokens: int | None = None
     checkpoints: list[CheckpointInfo] = Field(default_factory=list)
-    trackers: list[TrackerInfo] = Field(default_factory=list)
+    trackers: list[TrackerInfo] | None = None
     updated_at: datetime = Field(default_factory=utcnow)
 
 
@@ -160,7 +160,7 @@ class Summary(WireModel):
     total_params: int | None = None
     trained_tokens: int | None = None
     steps: int | None = None
-    trackers: list[TrackerInfo] = Field(default_factory=list)
+    trackers: list[TrackerInfo] | None = None
 
     def exit_code(self) -> ExitCode:
         """The exit code the operator expects for this outcome."""
