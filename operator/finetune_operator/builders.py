@@ -161,9 +161,7 @@ def _secret_env(name: str, ref: SecretKeyRef | None) -> list[dict[str, Any]]:
     return [{"name": name, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}]
 
 
-def _env(
-    name: str, namespace: str, spec: FineTuneJobSpec, uid: str | None
-) -> list[dict[str, Any]]:
+def _env(name: str, namespace: str, spec: FineTuneJobSpec, uid: str | None) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [
         {"name": ENV_CONFIG, "value": CONFIG_PATH},
         {"name": ENV_PROGRESS_PORT, "value": str(PROGRESS_PORT)},
@@ -178,8 +176,10 @@ def _env(
     if uid:
         env.append({"name": ENV_JOB_UID, "value": uid})
     secrets = spec.secrets or SecretsSpec()
-    return env + _secret_env(ENV_HF_TOKEN, secrets.hf_token) + _secret_env(
-        ENV_WANDB_API_KEY, secrets.wandb
+    return (
+        env
+        + _secret_env(ENV_HF_TOKEN, secrets.hf_token)
+        + _secret_env(ENV_WANDB_API_KEY, secrets.wandb)
     )
 
 
@@ -259,7 +259,9 @@ def build_pod_spec(
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     secrets = spec.secrets or SecretsSpec()
-    env_from = [{"secretRef": {"name": ref.name}} for ref in (secrets.storage, secrets.mlflow) if ref]
+    env_from = [
+        {"secretRef": {"name": ref.name}} for ref in (secrets.storage, secrets.mlflow) if ref
+    ]
     if env_from:
         container["envFrom"] = env_from
 

@@ -465,7 +465,12 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
     {"name": "Model", "type": "string", "jsonPath": ".spec.model.source", "priority": 1},
     _condition_column("Failure", "Failed", "reason", 1),
     # the first tracker that has a run page (MLflow, W&B online)
-    {"name": "Tracking", "type": "string", "jsonPath": ".status.tracking[?(@.url)].url", "priority": 1},
+    {
+        "name": "Tracking",
+        "type": "string",
+        "jsonPath": ".status.tracking[?(@.url)].url",
+        "priority": 1,
+    },
 ]
 
 

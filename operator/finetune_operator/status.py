@@ -649,7 +649,9 @@ def derive_status(
         f"created Job {job['metadata']['name']}",
     )
     phase, conds, extra = _job_phase(obs)(obs, conds)
-    conds = tracking_condition(conds, update.get("tracking", previous.tracking) or [], now, generation)
+    conds = tracking_condition(
+        conds, update.get("tracking", previous.tracking) or [], now, generation
+    )
     return previous.model_copy(
         update={**update, **_attempts(obs), **extra, "phase": phase, "conditions": conds}
     )

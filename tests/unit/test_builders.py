@@ -358,7 +358,10 @@ def test_tracker_credentials_reach_the_trainer_as_env_only_with_the_jobs_identit
                     "valueFrom": {"secretKeyRef": {"name": "wandb", "key": "apiKey"}},
                 },
             ],
-            "envFrom": [{"secretRef": {"name": "s3-creds"}}, {"secretRef": {"name": "mlflow-auth"}}],
+            "envFrom": [
+                {"secretRef": {"name": "s3-creds"}},
+                {"secretRef": {"name": "mlflow-auth"}},
+            ],
         },
         pod={},
         job={},

@@ -318,9 +318,7 @@ CASES: list[tuple[str, str, str, dict[str, Any], dict[str, Any]]] = [
         "wandb-secret-unused",
         "spec.secrets.wandb: only used by tracking.wandb",
         ".spec.secrets.wandb",
-        spec_with(
-            tracking={"wandb": {"project": "p"}}, secrets={"wandb": {"name": "wandb"}}
-        ),
+        spec_with(tracking={"wandb": {"project": "p"}}, secrets={"wandb": {"name": "wandb"}}),
         spec_with(secrets={"wandb": {"name": "wandb"}}),
     ),
     (

@@ -513,7 +513,10 @@ def test_local_paths_and_known_schemes_are_accepted() -> None:
             {"mlflow": {"trackingUri": "file:///tmp/mlruns", "experiment": "e"}},
             "tracking.mlflow.trackingUri: 'file:///tmp/mlruns' is not an MLflow tracking server",
         ),
-        ({"mlflow": {"trackingUri": "http://m:5000"}}, "tracking.mlflow.experiment: Field required"),
+        (
+            {"mlflow": {"trackingUri": "http://m:5000"}},
+            "tracking.mlflow.experiment: Field required",
+        ),
         ({"wandb": {"project": "a/b"}}, "tracking.wandb.project: String should match pattern"),
         ({"wandb": {"project": "p", "mode": "cloud"}}, "tracking.wandb.mode: Input should be"),
         ({}, "tracking: set at least one of mlflow, wandb or tensorboard: true"),

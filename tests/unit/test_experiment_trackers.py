@@ -86,9 +86,8 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     try:
         deadline = time.monotonic() + SERVER_START_SECONDS
         while True:
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(f"{url}/health", timeout=2):
-                    break
+            with contextlib.suppress(OSError), urllib.request.urlopen(f"{url}/health", timeout=2):
+                break
             if server.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"mlflow server did not start:\n{(root / 'server.log').read_text()}")
             time.sleep(0.3)
@@ -152,7 +151,9 @@ def test_mlflow_server_holds_params_metric_history_final_metrics_and_tags(
     info, data = run.info, run.data
     assert (info.run_name, info.status) == ("tiny-lora", "FINISHED")
     (link,) = [t for t in summary.trackers if t.name == "mlflow"]
-    assert link.url == f"{mlflow_server}/#/experiments/{experiment.experiment_id}/runs/{info.run_id}"
+    assert (
+        link.url == f"{mlflow_server}/#/experiments/{experiment.experiment_id}/runs/{info.run_id}"
+    )
     assert link.error is None
     # the job's identity and the spec's tags
     assert {
@@ -225,7 +226,10 @@ def test_wandb_offline_run_holds_history_and_config(tracked: tuple[Any, Path]) -
     history = []
     for record in records:
         if record.WhichOneof("record_type") == "history":
-            items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
+            items = {
+                i.key or "/".join(i.nested_key): json.loads(i.value_json)
+                for i in record.history.item
+            }
             if "train/loss" in items:
                 history.append((items["train/global_step"], items["train/loss"]))
     _assert_same_curve(history, _history(out, "loss"))
@@ -321,9 +325,7 @@ def test_tracking_server_gone_mid_run_does_not_fail_the_run(
     assert mlflow.name == "mlflow" and mlflow.url is not None and mlflow.error
     assert tensorboard.error is None  # the other trackers go on
     # the live progress said so too, while the run went on
-    assert any(
-        p.trackers and p.trackers[0].error and p.phase != "succeeded" for p in seen
-    )
+    assert any(p.trackers and p.trackers[0].error and p.phase != "succeeded" for p in seen)
     # what reached the server before it went away is there
     from mlflow import MlflowClient
 
@@ -338,7 +340,7 @@ def test_wandb_online_without_an_api_key_is_refused_before_training(
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
     spec = TrackingSpec.model_validate({"wandb": {"project": "p"}})
-    with pytest.raises(InvalidInputError, match="tracking.wandb: no API key"):
+    with pytest.raises(InvalidInputError, match=r"tracking\.wandb: no API key"):
         preflight(spec)
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     preflight(spec)

@@ -286,7 +286,9 @@ class WandbTracker(Tracker):
         run.summary.update(self.unlogged(closing))
         if closing.samples:
             columns = _columns(closing.samples)
-            table = wandb.Table(columns=list(columns), data=list(zip(*columns.values(), strict=True)))
+            table = wandb.Table(
+                columns=list(columns), data=list(zip(*columns.values(), strict=True))
+            )
             run.log({"samples": table, "train/global_step": closing.step})
         if closing.weights_uri:
             run.config.update({f"{TAG_PREFIX}weights-uri": closing.weights_uri})
