@@ -6,20 +6,14 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import socket
 import struct
-import subprocess
-import sys
 import threading
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import free_port
 from finetune_trainer.config import RunConfig, TrackingSpec
 from finetune_trainer.errors import InvalidInputError
 from finetune_trainer.experiments import preflight
@@ -29,7 +23,6 @@ from finetune_trainer.runner import RunContext
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / "examples" / "data" / "instructions.jsonl"
-SERVER_START_SECONDS = 120
 
 
 def _config(model_dir: Path, out: Path, tracking: dict[str, Any]) -> RunConfig:
@@ -54,48 +47,6 @@ def _config(model_dir: Path, out: Path, tracking: dict[str, Any]) -> RunConfig:
             "tracking": tracking,
         }
     )
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real MLflow tracking server (SQLite store, artifacts served) on loopback."""
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    mlflow = Path(sys.executable).with_name("mlflow")
-    log = (root / "server.log").open("w")
-    server = subprocess.Popen(
-        [
-            str(mlflow),
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{root}/mlflow.db",
-            "--artifacts-destination",
-            str(root / "artifacts"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + SERVER_START_SECONDS
-        while True:
-            with contextlib.suppress(OSError), urllib.request.urlopen(f"{url}/health", timeout=2):
-                break
-            if server.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not start:\n{(root / 'server.log').read_text()}")
-            time.sleep(0.3)
-        yield url
-    finally:
-        os.killpg(server.pid, 15)
-        server.wait(timeout=30)
-        log.close()
 
 
 @pytest.fixture(scope="module")
