@@ -249,6 +249,10 @@ def _summary_table(summary: Summary) -> Table:
         ),
         ("last checkpoint", summary.last_checkpoint.uri if summary.last_checkpoint else None),
         *((k, f"{v:.4f}") for k, v in summary.metrics.items()),
+        *(
+            (t.name, (t.url or t.location or "-") + (f" (stopped: {t.error})" if t.error else ""))
+            for t in summary.trackers or []
+        ),
         ("message", summary.message),
     ):
         if value is not None:

@@ -51,6 +51,7 @@ MLFLOW_HTTP_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
 }
+MAX_LOG_PARAMS = "MLFLOW_MAX_LOG_PARAMS"  # read by transformers' MLflowCallback
 CLIENTS = {"mlflow": "mlflow", "wandb": "wandb", "tensorboard": "tensorboard"}
 _EVENTS = (
     "on_init_end",
@@ -161,6 +162,9 @@ class Tracker:
         """Record the results and end the run."""
         raise NotImplementedError
 
+    def restore(self) -> None:
+        """Undo what `open` changed in the process environment (after the run)."""
+
     def unlogged(self, closing: Closing) -> dict[str, float]:
         """The final metrics the callback did not already log at the final step."""
         return {k: v for k, v in closing.metrics.items() if (k, closing.step) not in self.logged}
@@ -181,6 +185,7 @@ class MlflowTracker(Tracker):
     def __init__(self, run: RunConfig, out: Path, spec: MlflowSpec) -> None:
         super().__init__(run, out)
         self.spec = spec
+        self._saved_env: dict[str, str | None] = {}
 
     def make_callback(self) -> Any:
         from transformers.integrations import MLflowCallback
@@ -194,9 +199,15 @@ class MlflowTracker(Tracker):
             os.environ.setdefault(key, value)
         mlflow.set_tracking_uri(self.spec.tracking_uri)
         tags = {**(self.spec.tags or {}), **opening.identity.tags()}
+        logged: dict[str, str] = {}
         if opening.resume_id:
             active = mlflow.start_run(run_id=opening.resume_id)
             mlflow.set_tags(tags)
+            # An MLflow param never changes; a resumed run may be longer (maxSteps, epochs).
+            # The Trainer's arguments were logged by the first attempt: not again.
+            logged = dict(active.data.params)
+            self._saved_env[MAX_LOG_PARAMS] = os.environ.get(MAX_LOG_PARAMS)
+            os.environ[MAX_LOG_PARAMS] = "0"
         else:
             experiment = mlflow.set_experiment(self.spec.experiment)
             active = mlflow.start_run(
@@ -206,7 +217,10 @@ class MlflowTracker(Tracker):
         self.run_id = info.run_id
         self.url = run_url(self.spec.tracking_uri, info.experiment_id, info.run_id)
         params = {f"finetune.{k}": v for k, v in flatten(opening.hyperparameters).items()}
-        mlflow.log_params(params)
+        changed = {k: v for k, v in params.items() if k in logged and logged[k] != str(v)}
+        mlflow.log_params({k: v for k, v in params.items() if k not in logged})
+        if changed:  # what a longer resumed run changed, where a value may change
+            mlflow.set_tags({f"{k}.resumed": v for k, v in changed.items()})
         mlflow.log_dict(opening.dataset, "dataset_report.json")
 
     def close(self, closing: Closing) -> None:
@@ -221,6 +235,14 @@ class MlflowTracker(Tracker):
             mlflow.set_tag(f"{TAG_PREFIX}weights-uri", closing.weights_uri)
         status = {Outcome.SUCCEEDED: "FINISHED", Outcome.PREEMPTED: "KILLED"}
         mlflow.end_run(status.get(closing.outcome, "FAILED"))
+
+    def restore(self) -> None:
+        for key, value in self._saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        self._saved_env.clear()
 
 
 def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str | None:
@@ -487,12 +509,12 @@ class Experiments:
     def close(self, closing: Closing) -> None:
         """Record the results in every tracker still reporting and end their runs."""
         opened = [t for t in self.live if t.opened]
-        if not opened:
-            return
         self._each("end", lambda t: t.close(closing), opened)
-        for tracker in opened:
+        for tracker in self.trackers:
             tracker.opened = False
-        self._changed()
+            tracker.restore()
+        if opened:
+            self._changed()
 
     def infos(self) -> list[TrackerInfo]:
         """Every tracker's link and state."""
