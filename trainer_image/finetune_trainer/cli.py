@@ -234,7 +234,7 @@ class _Bar:
 def _summary_table(summary: Summary) -> Table:
     table = Table(title=f"finetune: {summary.outcome.value}", show_header=False)
     table.add_column(style="bold")
-    table.add_column()
+    table.add_column(overflow="fold")  # URIs and run links whole, wrapped
     for key, value in (
         ("adapter", summary.adapter_uri),
         ("model", summary.model_uri),
