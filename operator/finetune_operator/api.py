@@ -16,7 +16,7 @@ from finetune_trainer.config import (
     format_errors,
     run_field_names,
 )
-from finetune_trainer.progress import CheckpointInfo, Estimate, WireModel
+from finetune_trainer.progress import CheckpointInfo, Estimate, TrackerInfo, WireModel
 from pydantic import Field, ValidationError, model_validator
 
 GROUP = "finetune.dev"
@@ -131,7 +131,24 @@ class SecretsSpec(SpecModel):
         default=None,
         description="Object-store credentials (e.g. AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY).",
     )
+    mlflow: SecretRef | None = Field(
+        default=None,
+        description="MLflow credentials for tracking.mlflow: every key becomes an environment "
+        "variable (MLFLOW_TRACKING_TOKEN, or MLFLOW_TRACKING_USERNAME and "
+        "MLFLOW_TRACKING_PASSWORD).",
+    )
+    wandb: SecretKeyRef | None = Field(
+        default=None,
+        description="Weights & Biases API key for tracking.wandb (exposed as WANDB_API_KEY).",
+    )
 
+
+WANDB_NEEDS_KEY = (
+    "secrets.wandb: W&B online mode needs an API key: name the Secret that holds it "
+    "(or set tracking.wandb.mode: offline)"
+)
+MLFLOW_SECRET_UNUSED = "secrets.mlflow: only used by tracking.mlflow"
+WANDB_SECRET_UNUSED = "secrets.wandb: only used by tracking.wandb"
 
 DURABLE_OUTPUT_SCHEMES = ("pvc://", "s3://", "gs://", "gcs://", "az://", "abfs://", "hf://")
 
@@ -172,12 +189,25 @@ class FineTuneJobSpec(RunConfig):
             and (self.resources.nodes == 1 or self.resources.gpus <= 1)
         ):
             raise ValueError(NODE_SHARDING_NEEDS_GROUP)
+        self._check_tracking_secrets()
         if not self.output.uri.startswith(DURABLE_OUTPUT_SCHEMES):
             raise ValueError(
                 "output.uri: a cluster run needs durable storage: pvc://claim/path, s3://... "
                 "or hf://org/repo (a local path would be lost with the pod)"
             )
         return self
+
+    def _check_tracking_secrets(self) -> None:
+        """Tracker credentials: named where a tracker needs them, and only there."""
+        tracking, secrets = self.tracking, self.secrets or SecretsSpec()
+        mlflow = tracking.mlflow if tracking is not None else None
+        wandb = tracking.wandb if tracking is not None else None
+        if secrets.mlflow is not None and mlflow is None:
+            raise ValueError(MLFLOW_SECRET_UNUSED)
+        if secrets.wandb is not None and wandb is None:
+            raise ValueError(WANDB_SECRET_UNUSED)
+        if wandb is not None and wandb.mode == "online" and secrets.wandb is None:
+            raise ValueError(WANDB_NEEDS_KEY)
 
     def run_config(self) -> RunConfig:
         """The training-run part of this spec, as the trainer receives it."""
@@ -199,7 +229,7 @@ def parse_spec(spec: dict[str, Any]) -> FineTuneJobSpec:
 # status
 # --------------------------------------------------------------------------------------------
 JobPhase = Literal["Pending", "ValidatingData", "Running", "Succeeded", "Failed", "Suspended"]
-ConditionType = Literal["Created", "Running", "Succeeded", "Failed", "Suspended"]
+ConditionType = Literal["Created", "Running", "Succeeded", "Failed", "Suspended", "Tracking"]
 
 
 class Condition(WireModel):
@@ -245,6 +275,12 @@ class ResultStatus(WireModel):
     metrics: dict[str, float] | None = None
     trainable_params: int | None = Field(default=None, ge=0)
     trained_tokens: int | None = Field(default=None, ge=0)
+    tracking: list[TrackerInfo] | None = Field(
+        default=None,
+        max_length=3,
+        description="The run in each experiment tracker (MLflow or W&B run page, TensorBoard "
+        "event files).",
+    )
 
 
 class WorkersStatus(WireModel):
@@ -268,6 +304,11 @@ class FineTuneJobStatus(WireModel):
     )
     checkpoints: list[CheckpointInfo] = Field(default_factory=list, max_length=32)
     result: ResultStatus | None = None
+    tracking: list[TrackerInfo] | None = Field(
+        default=None,
+        max_length=3,
+        description="Where spec.tracking's trackers show the run, from the start of training.",
+    )
     start_time: datetime | None = None
     completion_time: datetime | None = None
     attempts: int | None = Field(default=None, ge=0)

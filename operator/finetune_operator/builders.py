@@ -14,6 +14,9 @@ from finetune_trainer.progress import (
     CONFIG_PATH,
     ENV_CONFIG,
     ENV_HF_TOKEN,
+    ENV_JOB_NAME,
+    ENV_JOB_NAMESPACE,
+    ENV_JOB_UID,
     ENV_MASTER_ADDR,
     ENV_MASTER_PORT,
     ENV_MAX_GPU_HOURS,
@@ -23,6 +26,7 @@ from finetune_trainer.progress import (
     ENV_PVC_ROOT,
     ENV_SHUTDOWN_TIMEOUT,
     ENV_TERMINATION_PATH,
+    ENV_WANDB_API_KEY,
     PROGRESS_PATH,
     PROGRESS_PORT,
     PVC_ROOT,
@@ -30,7 +34,7 @@ from finetune_trainer.progress import (
     ExitCode,
 )
 
-from finetune_operator.api import GROUP, FineTuneJobSpec
+from finetune_operator.api import GROUP, FineTuneJobSpec, SecretKeyRef, SecretsSpec
 from finetune_operator.names import configmap_name, job_label, job_name, service_name
 from finetune_operator.policy import Policy, pvc_claim, pvc_uris
 
@@ -151,7 +155,14 @@ def _group_env(name: str, namespace: str, spec: FineTuneJobSpec) -> list[dict[st
     return env
 
 
-def _env(spec: FineTuneJobSpec) -> list[dict[str, Any]]:
+def _secret_env(name: str, ref: SecretKeyRef | None) -> list[dict[str, Any]]:
+    """The variable `name` from a key of a Secret (none when `ref` is None)."""
+    if ref is None:
+        return []
+    return [{"name": name, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}]
+
+
+def _env(name: str, namespace: str, spec: FineTuneJobSpec, uid: str | None) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [
         {"name": ENV_CONFIG, "value": CONFIG_PATH},
         {"name": ENV_PROGRESS_PORT, "value": str(PROGRESS_PORT)},
@@ -160,20 +171,17 @@ def _env(spec: FineTuneJobSpec) -> list[dict[str, Any]]:
         {"name": "HOME", "value": "/tmp"},
         {"name": "HF_HOME", "value": "/tmp/hf"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
+        {"name": ENV_JOB_NAME, "value": name},
+        {"name": ENV_JOB_NAMESPACE, "value": namespace},
     ]
-    if spec.secrets is not None and spec.secrets.hf_token is not None:
-        env.append(
-            {
-                "name": ENV_HF_TOKEN,
-                "valueFrom": {
-                    "secretKeyRef": {
-                        "name": spec.secrets.hf_token.name,
-                        "key": spec.secrets.hf_token.key,
-                    }
-                },
-            }
-        )
-    return env
+    if uid:
+        env.append({"name": ENV_JOB_UID, "value": uid})
+    secrets = spec.secrets or SecretsSpec()
+    return (
+        env
+        + _secret_env(ENV_HF_TOKEN, secrets.hf_token)
+        + _secret_env(ENV_WANDB_API_KEY, secrets.wandb)
+    )
 
 
 def _with_platform_env(env: list[dict[str, Any]], policy: Policy) -> list[dict[str, Any]]:
@@ -199,8 +207,11 @@ def _tolerations(spec: FineTuneJobSpec) -> list[dict[str, Any]]:
     return tolerations
 
 
-def build_pod_spec(name: str, namespace: str, spec: FineTuneJobSpec, policy: Policy) -> Manifest:
-    """The trainer pod's spec (inside the Job's template)."""
+def build_pod_spec(
+    name: str, namespace: str, spec: FineTuneJobSpec, policy: Policy, uid: str | None = None
+) -> Manifest:
+    """The trainer pod's spec (inside the Job's template); `uid`: the FineTuneJob's (the
+    trainer tags its experiment-tracker runs with name, namespace and uid)."""
     mounts: list[dict[str, Any]] = [
         {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
         {"name": "tmp", "mountPath": "/tmp"},
@@ -229,7 +240,9 @@ def build_pod_spec(name: str, namespace: str, spec: FineTuneJobSpec, policy: Pol
         "image": spec.resources.image or policy.default_image,
         "imagePullPolicy": "IfNotPresent",
         "command": list(TRAINER_COMMAND),
-        "env": _with_platform_env(_env(spec) + _group_env(name, namespace, spec), policy),
+        "env": _with_platform_env(
+            _env(name, namespace, spec, uid) + _group_env(name, namespace, spec), policy
+        ),
         "ports": [{"name": PROGRESS_PORT_NAME, "containerPort": PROGRESS_PORT, "protocol": "TCP"}],
         "readinessProbe": {
             "httpGet": {"path": PROGRESS_PATH, "port": PROGRESS_PORT_NAME},
@@ -248,8 +261,12 @@ def build_pod_spec(name: str, namespace: str, spec: FineTuneJobSpec, policy: Pol
         "terminationMessagePath": TERMINATION_MESSAGE_PATH,
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
-    if spec.secrets is not None and spec.secrets.storage is not None:
-        container["envFrom"] = [{"secretRef": {"name": spec.secrets.storage.name}}]
+    secrets = spec.secrets or SecretsSpec()
+    env_from = [
+        {"secretRef": {"name": ref.name}} for ref in (secrets.storage, secrets.mlflow) if ref
+    ]
+    if env_from:
+        container["envFrom"] = env_from
 
     pod: Manifest = {
         "restartPolicy": "Never",
@@ -329,7 +346,9 @@ def pod_failure_policy() -> Manifest:
     }
 
 
-def build_job(name: str, namespace: str, spec: FineTuneJobSpec, policy: Policy) -> Manifest:
+def build_job(
+    name: str, namespace: str, spec: FineTuneJobSpec, policy: Policy, uid: str | None = None
+) -> Manifest:
     """The batch/v1 Job that runs the trainer (created suspended for Kueue when queued).
 
     A run of several pods is an Indexed Job (completions = parallelism = nodes): pod i gets
@@ -349,7 +368,7 @@ def build_job(name: str, namespace: str, spec: FineTuneJobSpec, policy: Policy) 
         "podFailurePolicy": pod_failure_policy(),
         "template": {
             "metadata": {"labels": labels(name)},
-            "spec": build_pod_spec(name, namespace, spec, policy),
+            "spec": build_pod_spec(name, namespace, spec, policy, uid),
         },
     }
     if nodes > 1:

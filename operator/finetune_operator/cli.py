@@ -130,6 +130,10 @@ def render_status(name: str, status: FineTuneJobStatus, losses: list[float]) -> 
             parts.append(
                 Text("metrics: " + ", ".join(f"{k}={v:.4g}" for k, v in result.metrics.items()))
             )
+    for tracker in status.tracking or []:
+        where = tracker.url or tracker.location or "-"
+        failed = f"  (stopped: {tracker.error})" if tracker.error else ""
+        parts.append(Text(f"{tracker.name}: {where}{failed}"))
     return Group(*parts)
 
 

@@ -28,11 +28,14 @@ from finetune_operator.api import (
     GROUP,
     KBIT_NEEDS_GPU,
     KIND,
+    MLFLOW_SECRET_UNUSED,
     NODE_SHARDING_NEEDS_GROUP,
     PLURAL,
     SHORT_NAMES,
     SINGULAR,
     VERSION,
+    WANDB_NEEDS_KEY,
+    WANDB_SECRET_UNUSED,
     FineTuneJobSpec,
     FineTuneJobStatus,
 )
@@ -47,7 +50,16 @@ CRD_PATHS = (
 )
 
 # Fields under spec that define the training run: immutable once created.
-IMMUTABLE_SPEC_FIELDS = ("model", "dataset", "task", "method", "training", "evaluation", "output")
+IMMUTABLE_SPEC_FIELDS = (
+    "model",
+    "dataset",
+    "task",
+    "method",
+    "training",
+    "evaluation",
+    "output",
+    "tracking",
+)
 
 _DROP_KEYS = {"title", "default", "additionalProperties_false", "examples"}
 
@@ -80,6 +92,10 @@ _NODE_SHARDING = (
 _PREFERENCE = (
     "has(self.training) && has(self.training.objective) && "
     "self.training.objective in ['dpo', 'orpo']"
+)
+_WANDB = "has(self.tracking) && has(self.tracking.wandb)"
+_WANDB_ONLINE = (
+    f"{_WANDB} && (!has(self.tracking.wandb.mode) || self.tracking.wandb.mode == 'online')"
 )
 _NODES = "(has(self.resources) && has(self.resources.nodes) ? self.resources.nodes : 1)"
 _GPUS = "(has(self.resources) && has(self.resources.gpus) ? self.resources.gpus : 1)"
@@ -226,6 +242,22 @@ SPEC_RULES: dict[tuple[str, ...], list[dict[str, str]]] = {
             ".training.distributed.strategy",
         ),
         _rule(
+            "!has(self.secrets) || !has(self.secrets.mlflow) || "
+            "(has(self.tracking) && has(self.tracking.mlflow))",
+            f"spec.{MLFLOW_SECRET_UNUSED}",
+            ".secrets.mlflow",
+        ),
+        _rule(
+            f"!has(self.secrets) || !has(self.secrets.wandb) || ({_WANDB})",
+            f"spec.{WANDB_SECRET_UNUSED}",
+            ".secrets.wandb",
+        ),
+        _rule(
+            f"!({_WANDB_ONLINE}) || (has(self.secrets) && has(self.secrets.wandb))",
+            f"spec.{WANDB_NEEDS_KEY}",
+            ".secrets.wandb",
+        ),
+        _rule(
             "['pvc://', 's3://', 'gs://', 'gcs://', 'az://', 'abfs://', 'hf://']"
             ".exists(p, self.output.uri.startsWith(p))",
             "spec.output.uri: a cluster run needs durable storage: pvc://, s3:// or hf://",
@@ -310,6 +342,12 @@ SPEC_RULES: dict[tuple[str, ...], list[dict[str, str]]] = {
             "spec.method.quantization: a full fine-tune cannot train k-bit weights",
             ".quantization",
         ),
+    ],
+    ("tracking",): [
+        _rule(
+            "has(self.mlflow) || has(self.wandb) || (has(self.tensorboard) && self.tensorboard)",
+            "spec.tracking: set at least one of mlflow, wandb or tensorboard: true",
+        )
     ],
     ("method", "lora", "targetModules"): [
         _rule(
@@ -483,6 +521,13 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
     {"name": "Method", "type": "string", "jsonPath": ".spec.method.type", "priority": 1},
     {"name": "Model", "type": "string", "jsonPath": ".spec.model.source", "priority": 1},
     _condition_column("Failure", "Failed", "reason", 1),
+    # the first tracker that has a run page (MLflow, W&B online)
+    {
+        "name": "Tracking",
+        "type": "string",
+        "jsonPath": ".status.tracking[?(@.url)].url",
+        "priority": 1,
+    },
 ]
 
 

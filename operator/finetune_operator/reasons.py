@@ -38,6 +38,9 @@ class Reason(StrEnum):
     DEADLINE_EXCEEDED = "DeadlineExceeded"  # spec.activeDeadlineSeconds elapsed
     BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"  # retries exhausted
     JOB_FAILED = "JobFailed"  # the Job failed for another reason (its own reason in the message)
+    # experiment trackers (condition Tracking)
+    REPORTING = "Reporting"  # every tracker of spec.tracking receives the run
+    TRACKER_UNAVAILABLE = "TrackerUnavailable"  # a tracker stopped reporting; training went on
 
 
 # Failed reasons the operator sets itself: final, derive_status never overwrites them.

@@ -50,6 +50,7 @@ from finetune_operator.status import (
     phase_event,
     running_pod,
     status_patch,
+    tracking_event,
 )
 from finetune_operator.workers import Key, Worker
 
@@ -150,12 +151,13 @@ async def write_status(kube: Kube, body: kopf.Body, old: Obj, new: FineTuneJobSt
 
 
 def announce(body: kopf.Body, previous: FineTuneJobStatus, new: FineTuneJobStatus) -> None:
-    """Post the Event of a phase transition (after the status write succeeded)."""
-    event = phase_event(previous, new)
-    if event is None:
-        return
-    post = kopf.warn if event.warning else kopf.info
-    post(body, reason=event.reason, message=event.message)
+    """Post the Events of a phase transition and of a tracker that stopped reporting (after
+    the status write succeeded)."""
+    for event in (phase_event(previous, new), tracking_event(previous, new)):
+        if event is None:
+            continue
+        post = kopf.warn if event.warning else kopf.info
+        post(body, reason=event.reason, message=event.message)
 
 
 async def fail(kube: Kube, body: kopf.Body, old: Obj, reason: Reason, message: str) -> Obj:
@@ -220,7 +222,7 @@ class Observer:
         policy, kube = self.runtime.policy, self.runtime.kube
         service = build_service(name, namespace, spec)
         children = [build_configmap(name, namespace, spec), *([service] if service else [])]
-        job = build_job(name, namespace, spec, policy)
+        job = build_job(name, namespace, spec, policy, uid)
         kopf.adopt([*children, job], owner=self.body)
         for child in children:
             await ensure(kube, child, uid)

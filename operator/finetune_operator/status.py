@@ -21,6 +21,7 @@ from finetune_trainer.progress import (
     Phase,
     Progress,
     Summary,
+    TrackerInfo,
 )
 
 from finetune_operator.api import (
@@ -430,6 +431,7 @@ def _result(summary: Summary | None) -> ResultStatus | None:
         metrics=dict(summary.metrics) or None,
         trainable_params=summary.trainable_params,
         trained_tokens=summary.trained_tokens,
+        tracking=summary.trackers or None,
     )
 
 
@@ -592,7 +594,28 @@ def _reported(
     if summary is not None and summary.last_checkpoint is not None:
         checkpoints = merge_checkpoints(checkpoints, [summary.last_checkpoint])
     update["checkpoints"] = checkpoints
+    if progress is not None and progress.trackers:
+        update["tracking"] = list(progress.trackers)
+    elif summary is not None and summary.trackers:
+        update["tracking"] = list(summary.trackers)
     return update
+
+
+def tracking_condition(
+    conditions: list[Condition], tracking: list[TrackerInfo], now: datetime, generation: int | None
+) -> list[Condition]:
+    """Condition Tracking: True while every tracker reports, False (TrackerUnavailable, the
+    trackers' errors) once one stopped; absent for a run without trackers."""
+    if not tracking:
+        return conditions
+    failed = [t for t in tracking if t.error]
+    if not failed:
+        where = ", ".join(f"{t.name} {t.url or t.location or ''}".strip() for t in tracking)
+        return set_condition(conditions, "Tracking", True, Reason.REPORTING, where, now, generation)
+    message = "; ".join(f"{t.name}: {t.error}" for t in failed) + " (training went on)"
+    return set_condition(
+        conditions, "Tracking", False, Reason.TRACKER_UNAVAILABLE, message, now, generation
+    )
 
 
 def derive_status(
@@ -628,6 +651,9 @@ def derive_status(
         f"created Job {job['metadata']['name']}",
     )
     phase, conds, extra = _job_phase(obs)(obs, conds)
+    conds = tracking_condition(
+        conds, update.get("tracking", previous.tracking) or [], now, generation
+    )
     return previous.model_copy(
         update={**update, **_attempts(obs), **extra, "phase": phase, "conditions": conds}
     )
@@ -674,6 +700,15 @@ def phase_event(previous: FineTuneJobStatus, new: FineTuneJobStatus) -> PhaseEve
         f": {cond.message}" if cond is not None and cond.message else ""
     )
     return PhaseEvent(new.phase == "Failed", reason, message)
+
+
+def tracking_event(previous: FineTuneJobStatus, new: FineTuneJobStatus) -> PhaseEvent | None:
+    """A Warning when a tracker stops reporting (condition Tracking turns False)."""
+    before = get_condition(previous.conditions, "Tracking")
+    after = get_condition(new.conditions, "Tracking")
+    if after is None or after.status != "False" or (before and before.status == "False"):
+        return None
+    return PhaseEvent(True, after.reason, after.message)
 
 
 # --------------------------------------------------------------------------------------------

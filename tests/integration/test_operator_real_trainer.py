@@ -108,3 +108,48 @@ def test_real_trainer_runs_dpo_and_reports_preference_in_status(cluster, real_ku
         assert "baseline_preference_accuracy" in metrics
         adapter = real_kubelet.pvc_root / status["result"]["adapterUri"].removeprefix("pvc://")
         assert (adapter / "adapter_config.json").exists() and not (adapter / "ref").exists()
+
+
+def test_real_trainer_reports_to_trackers_and_status_links_them(
+    cluster, real_kubelet, mlflow_server: str
+) -> None:
+    from mlflow import MlflowClient
+
+    spec = {
+        **_spec("train.jsonl"),
+        "output": {"uri": "pvc://outputs/tracked"},
+        "tracking": {
+            "mlflow": {"trackingUri": mlflow_server, "experiment": "operator-harness"},
+            "wandb": {"project": "operator-harness", "mode": "offline"},
+            "tensorboard": True,
+        },
+    }
+    with operator_runner():
+        created = cluster.apply_ftj("tracked", spec)
+        cluster.wait_for(
+            lambda: _phase(cluster, "tracked") in ("Succeeded", "Failed"),
+            timeout=240,
+            what="finished",
+        )
+        status = cluster.ftj("tracked")["status"]
+    assert status["phase"] == "Succeeded", (status["conditions"], real_kubelet.logs()[-3000:])
+    mlflow, wandb, tensorboard = status["tracking"]
+    assert status["result"]["tracking"] == status["tracking"]
+    assert tensorboard == {"name": "tensorboard", "location": "pvc://outputs/tracked/tensorboard"}
+    assert wandb["location"].startswith("pvc://outputs/tracked/wandb/offline-run-")
+    tracking = next(c for c in status["conditions"] if c["type"] == "Tracking")
+    assert (tracking["status"], tracking["reason"]) == ("True", "Reporting")
+    events = real_kubelet.pvc_root / "outputs" / "tracked" / "tensorboard"
+    assert any(events.glob("events.out.tfevents.*"))
+    # the MLflow run carries the FineTuneJob's identity
+    client = MlflowClient(mlflow_server)
+    run = client.get_run(mlflow["url"].rsplit("/", 1)[-1])
+    meta = created["metadata"]
+    assert run.info.status == "FINISHED"
+    assert {
+        "finetune.dev/name": "tracked",
+        "finetune.dev/namespace": meta["namespace"],
+        "finetune.dev/uid": meta["uid"],
+        "finetune.dev/weights-uri": "pvc://outputs/tracked/adapter",
+    }.items() <= run.data.tags.items()
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4]

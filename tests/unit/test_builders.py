@@ -43,6 +43,8 @@ ENV = [
     {"name": "HOME", "value": "/tmp"},
     {"name": "HF_HOME", "value": "/tmp/hf"},
     {"name": "PYTHONUNBUFFERED", "value": "1"},
+    {"name": "FINETUNE_JOB_NAME", "value": "ft"},
+    {"name": "FINETUNE_JOB_NAMESPACE", "value": "ns"},
 ]
 BASE_MOUNTS = [
     {"name": "config", "mountPath": "/etc/finetune", "readOnly": True},
@@ -328,6 +330,45 @@ def test_secrets_are_referenced_never_inlined() -> None:
         pod={},
         job={},
     )
+
+
+def test_tracker_credentials_reach_the_trainer_as_env_only_with_the_jobs_identity() -> None:
+    spec = make(
+        tracking={
+            "mlflow": {"trackingUri": "http://mlflow.mlflow.svc:5000", "experiment": "e"},
+            "wandb": {"project": "p"},
+            "tensorboard": True,
+        },
+        secrets={
+            "storage": {"name": "s3-creds"},
+            "mlflow": {"name": "mlflow-auth"},
+            "wandb": {"name": "wandb", "key": "apiKey"},
+        },
+        resources={"gpus": 0},
+    )
+    job = build_job("ft", "ns", spec, POLICY, uid="6c1d-uid")
+    assert job == expected_job(
+        spec,
+        container={
+            "env": [
+                *ENV,
+                {"name": "FINETUNE_JOB_UID", "value": "6c1d-uid"},
+                {
+                    "name": "WANDB_API_KEY",
+                    "valueFrom": {"secretKeyRef": {"name": "wandb", "key": "apiKey"}},
+                },
+            ],
+            "envFrom": [
+                {"secretRef": {"name": "s3-creds"}},
+                {"secretRef": {"name": "mlflow-auth"}},
+            ],
+        },
+        pod={},
+        job={},
+    )
+    # the run config the trainer reads names the trackers, never a credential
+    config = build_configmap("ft", "ns", spec)["data"]["config.json"]
+    assert '"mlflow"' in config and "mlflow-auth" not in config and "apiKey" not in config
 
 
 def test_kueue_job_is_created_suspended_with_queue_label() -> None:

@@ -298,6 +298,37 @@ CASES: list[tuple[str, str, str, dict[str, Any], dict[str, Any]]] = [
         spec_with(output={"uri": "./outputs/run1"}),
     ),
     (
+        "tracking-some",
+        "spec.tracking: set at least one of",
+        ".spec.tracking",
+        spec_with(tracking={"tensorboard": True}),
+        spec_with(tracking={"tensorboard": False, "runName": "r"}),
+    ),
+    (
+        "mlflow-secret-unused",
+        "spec.secrets.mlflow: only used by tracking.mlflow",
+        ".spec.secrets.mlflow",
+        spec_with(
+            tracking={"mlflow": {"trackingUri": "http://mlflow:5000", "experiment": "e"}},
+            secrets={"mlflow": {"name": "mlflow-auth"}},
+        ),
+        spec_with(tracking={"tensorboard": True}, secrets={"mlflow": {"name": "mlflow-auth"}}),
+    ),
+    (
+        "wandb-secret-unused",
+        "spec.secrets.wandb: only used by tracking.wandb",
+        ".spec.secrets.wandb",
+        spec_with(tracking={"wandb": {"project": "p"}}, secrets={"wandb": {"name": "wandb"}}),
+        spec_with(secrets={"wandb": {"name": "wandb"}}),
+    ),
+    (
+        "wandb-online-needs-key",
+        "spec.secrets.wandb: W&B online mode needs an API key",
+        ".spec.secrets.wandb",
+        spec_with(tracking={"wandb": {"project": "p", "mode": "offline"}}),
+        spec_with(tracking={"wandb": {"project": "p"}}, secrets={"storage": {"name": "s3"}}),
+    ),
+    (
         "dataset-both",
         "spec.dataset: set exactly one of source or inline",
         ".spec.dataset",
@@ -574,6 +605,7 @@ BEFORE = spec_with(
         ("training", {"epochs": 3, "learningRate": 0.001}),
         ("output", {"uri": "pvc://outputs/run2"}),
         ("evaluation", {"generation": {"examples": 64}}),
+        ("tracking", {"tensorboard": True}),
     ],
 )
 def test_changing_the_run_is_refused(section: str, value: Any) -> None:

@@ -466,3 +466,81 @@ def test_a_progress_port_in_use_is_a_command_line_error(tmp_path: Path) -> None:
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
     assert f"cannot serve on port {port}" in " ".join(result.output.replace("│", " ").split())
+
+
+def test_run_reports_to_mlflow_and_a_longer_rerun_continues_the_same_mlflow_run(
+    tiny_model_dir: Path, tmp_path: Path, mlflow_server: str
+) -> None:
+    from mlflow import MlflowClient
+
+    job = _job(
+        tmp_path,
+        tiny_model_dir,
+        REPO / "examples" / "data" / "instructions.jsonl",
+        tracking={"mlflow": {"trackingUri": mlflow_server, "experiment": "cli-resume"}},
+    )
+    out = tmp_path / "out"
+    common = ["run", str(job), "--output", str(out), "--set", "training.batchSize=4"]
+    common += ["--set", "training.loggingSteps=1"]
+    short = [*common, "--set", "training.maxSteps=2", "--set", "training.saveSteps=2"]
+    first = runner.invoke(app, short, terminal_width=400)
+    assert first.exit_code == 0, first.output
+    run_id = json.loads((out / "tracking.json").read_text())["mlflow"]
+    assert run_id in first.output
+    longer = [*common, "--set", "training.maxSteps=4", "--set", "training.saveSteps=2"]
+    second = runner.invoke(app, longer, terminal_width=400)
+    assert second.exit_code == 0, second.output
+    assert json.loads((out / "tracking.json").read_text())["mlflow"] == run_id
+    assert "mlflow: stopped" not in second.output
+    client = MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name("cli-resume")
+    assert experiment is not None
+    assert [r.info.run_id for r in client.search_runs([experiment.experiment_id])] == [run_id]
+    history = client.get_metric_history(run_id, "loss")
+    assert [m.step for m in history] == [1, 2, 3, 4]
+    run = client.get_run(run_id)
+    assert (run.info.run_name, run.info.status) == ("quickstart", "FINISHED")
+    # params never change in MLflow: the longer resumed run says so in a tag
+    assert run.data.params["finetune.maxSteps"] == "2"
+    assert run.data.tags["finetune.maxSteps.resumed"] == "4"
+    assert run.data.metrics["steps"] == 4
+    assert "MLFLOW_MAX_LOG_PARAMS" not in os.environ
+
+
+def test_wandb_online_needs_its_key(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc from `wandb login`
+    data = REPO / "examples" / "data" / "instructions.jsonl"
+    tracking = {"wandb": {"project": "p"}}
+    no_secret = _job(tmp_path, tiny_model_dir, data, tracking=tracking)
+    result = runner.invoke(app, ["validate", str(no_secret)], terminal_width=400)
+    assert result.exit_code == 65
+    assert "spec.secrets.wandb: W&B online mode needs an API key" in result.output
+    no_key = _job(
+        tmp_path, tiny_model_dir, data, tracking=tracking, secrets={"wandb": {"name": "wandb"}}
+    )
+    result = runner.invoke(app, ["run", str(no_key), "--output", str(tmp_path / "o")])
+    assert result.exit_code == 65, result.output
+    assert "tracking.wandb: no API key: set WANDB_API_KEY" in " ".join(result.output.split())
+    assert "Traceback" not in result.output
+
+
+def test_the_final_summary_links_the_trackers() -> None:
+    from finetune_trainer.cli import _summary_table
+    from finetune_trainer.progress import Outcome, Summary, TrackerInfo
+    from rich.console import Console
+
+    summary = Summary(
+        outcome=Outcome.SUCCEEDED,
+        trackers=[
+            TrackerInfo(name="mlflow", url="http://m:5000/#/experiments/1/runs/abc"),
+            TrackerInfo(name="tensorboard", location="out/tensorboard", error="end: OSError: x"),
+        ],
+    )
+    console = Console(width=200, record=True)
+    console.print(_summary_table(summary))
+    text = console.export_text()
+    assert "http://m:5000/#/experiments/1/runs/abc" in text
+    assert "out/tensorboard (stopped: end: OSError: x)" in text

@@ -167,6 +167,7 @@ def test_wire_format_is_camel_case() -> None:
         "training",
         "evaluation",
         "output",
+        "tracking",
     }
 
 
@@ -545,3 +546,41 @@ def test_missing_required_sections_are_named() -> None:
 def test_local_paths_and_known_schemes_are_accepted() -> None:
     for uri in ("./out", "/abs/out", "file:///tmp/out", "hf://org/repo", "gs://b/p", "az://c/p"):
         assert parse_run_config(with_(BASE, "output.uri", uri)).output.uri == uri
+
+
+@pytest.mark.parametrize(
+    ("tracking", "error"),
+    [
+        (
+            {"mlflow": {"trackingUri": "mlflow:5000", "experiment": "e"}},
+            "tracking.mlflow.trackingUri: 'mlflow:5000' is not an MLflow tracking server: use "
+            "http(s)://host[:port][/path]",
+        ),
+        (
+            {"mlflow": {"trackingUri": "file:///tmp/mlruns", "experiment": "e"}},
+            "tracking.mlflow.trackingUri: 'file:///tmp/mlruns' is not an MLflow tracking server",
+        ),
+        (
+            {"mlflow": {"trackingUri": "http://m:5000"}},
+            "tracking.mlflow.experiment: Field required",
+        ),
+        ({"wandb": {"project": "a/b"}}, "tracking.wandb.project: String should match pattern"),
+        ({"wandb": {"project": "p", "mode": "cloud"}}, "tracking.wandb.mode: Input should be"),
+        ({}, "tracking: set at least one of mlflow, wandb or tensorboard: true"),
+        ({"tensorboard": "yes please"}, "tracking.tensorboard: Input should be a valid boolean"),
+    ],
+)
+def test_tracking_errors_name_the_field(tracking: dict[str, Any], error: str) -> None:
+    doc = {"model": {"source": "m"}, "dataset": {"source": "d.jsonl"}, "output": {"uri": "o"}}
+    with pytest.raises(ConfigError) as info:
+        parse_run_config({**doc, "tracking": tracking})
+    assert any(line.startswith(error) for line in info.value.errors), info.value.errors
+
+
+@pytest.mark.parametrize(
+    "uri", ["http://mlflow.mlflow.svc:5000", "https://mlflow.example.com/team", "databricks"]
+)
+def test_tracking_server_uris(uri: str) -> None:
+    doc = {"model": {"source": "m"}, "dataset": {"source": "d.jsonl"}, "output": {"uri": "o"}}
+    run = parse_run_config({**doc, "tracking": {"mlflow": {"trackingUri": uri, "experiment": "e"}}})
+    assert run.tracking is not None and run.tracking.enabled() == ["mlflow"]

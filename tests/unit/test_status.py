@@ -25,6 +25,7 @@ from finetune_operator.status import (
     set_condition,
     status_dict,
     status_patch,
+    tracking_event,
     workers_status,
 )
 from finetune_trainer.progress import (
@@ -34,6 +35,7 @@ from finetune_trainer.progress import (
     Phase,
     Progress,
     Summary,
+    TrackerInfo,
 )
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
@@ -691,3 +693,64 @@ def test_workers_count_the_running_pods_of_the_latest_attempt() -> None:
     status = derive_status(GROUP_SPEC, job(), pods, None, None, FineTuneJobStatus(), T1)
     assert status.workers == found
     assert status.attempts == 1  # one attempt of the group, however many pods it had
+
+
+MLFLOW = TrackerInfo(name="mlflow", url="http://mlflow:5000/#/experiments/1/runs/abc")
+TENSORBOARD = TrackerInfo(name="tensorboard", location="s3://b/out/tensorboard")
+
+
+def test_tracking_links_from_the_start_of_training_to_the_result() -> None:
+    running = Progress(phase=Phase.TRAINING, step=3, total_steps=10, trackers=[MLFLOW, TENSORBOARD])
+    first = derive_status(SPEC, job(), [pod()], running, None, FineTuneJobStatus(), T0, 1)
+    assert first.tracking == [MLFLOW, TENSORBOARD]
+    cond = get_condition(first.conditions, "Tracking")
+    assert cond is not None and (cond.status, cond.reason) == ("True", "Reporting")
+    assert MLFLOW.url is not None and MLFLOW.url in cond.message
+    # between polls (no progress), the links stay
+    quiet = derive_status(SPEC, job(), [pod()], None, None, first, T1, 1)
+    assert quiet.tracking == [MLFLOW, TENSORBOARD]
+    # the end: the summary's links, also in the result
+    done = summary(Outcome.SUCCEEDED, adapter_uri="s3://b/out/adapter", trackers=[MLFLOW])
+    finished = pod(terminated={"exitCode": 0, "message": done.to_termination_message()})
+    final = derive_status(
+        SPEC, job(("Complete", "Completed"), succeeded=1), [finished], None, done, quiet, T1, 1
+    )
+    assert final.result is not None and final.result.tracking == [MLFLOW]
+    assert final.tracking == [MLFLOW]
+    assert tracking_event(quiet, final) is None
+
+
+def test_a_tracker_that_stopped_reporting_is_a_condition_and_one_warning() -> None:
+    ok = Progress(phase=Phase.TRAINING, step=3, trackers=[MLFLOW, TENSORBOARD])
+    before = derive_status(SPEC, job(), [pod()], ok, None, FineTuneJobStatus(), T0, 1)
+    down = MLFLOW.model_copy(update={"error": "step 4: MlflowException: connection refused"})
+    failing = Progress(phase=Phase.TRAINING, step=5, trackers=[down, TENSORBOARD])
+    after = derive_status(SPEC, job(), [pod()], failing, None, before, T1, 1)
+    assert after.phase == "Running"  # training goes on
+    cond = get_condition(after.conditions, "Tracking")
+    assert cond is not None
+    assert (cond.status, cond.reason) == ("False", "TrackerUnavailable")
+    assert cond.message == "mlflow: step 4: MlflowException: connection refused (training went on)"
+    assert tracking_event(before, after) == PhaseEvent(True, "TrackerUnavailable", cond.message)
+    again = derive_status(SPEC, job(), [pod()], failing, None, after, T1, 1)
+    assert tracking_event(after, again) is None  # once
+
+
+def test_no_tracking_no_condition() -> None:
+    status = derive_status(
+        SPEC, job(), [pod()], Progress(phase=Phase.TRAINING), None, FineTuneJobStatus(), T0, 1
+    )
+    assert get_condition(status.conditions, "Tracking") is None and status.tracking is None
+
+
+def test_finetune_status_shows_where_to_look() -> None:
+    from finetune_operator.cli import render_status
+    from rich.console import Console
+
+    down = TENSORBOARD.model_copy(update={"error": "end: OSError: disk full"})
+    status = FineTuneJobStatus(phase="Running", tracking=[MLFLOW, down])
+    console = Console(width=200, record=True)
+    console.print(render_status("ft", status, []))
+    text = console.export_text()
+    assert f"mlflow: {MLFLOW.url}" in text
+    assert "tensorboard: s3://b/out/tensorboard  (stopped: end: OSError: disk full)" in text

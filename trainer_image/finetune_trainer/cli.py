@@ -234,7 +234,7 @@ class _Bar:
 def _summary_table(summary: Summary) -> Table:
     table = Table(title=f"finetune: {summary.outcome.value}", show_header=False)
     table.add_column(style="bold")
-    table.add_column()
+    table.add_column(overflow="fold")  # URIs and run links whole, wrapped
     for key, value in (
         ("adapter", summary.adapter_uri),
         ("model", summary.model_uri),
@@ -249,6 +249,10 @@ def _summary_table(summary: Summary) -> Table:
         ),
         ("last checkpoint", summary.last_checkpoint.uri if summary.last_checkpoint else None),
         *((k, f"{v:.4f}") for k, v in summary.metrics.items()),
+        *(
+            (t.name, (t.url or t.location or "-") + (f" (stopped: {t.error})" if t.error else ""))
+            for t in summary.trackers or []
+        ),
         ("message", summary.message),
     ):
         if value is not None:

@@ -560,6 +560,111 @@ class OutputSpec(SpecModel):
     )
 
 
+# --------------------------------------------------------------------------------------------
+# experiment trackers
+# --------------------------------------------------------------------------------------------
+#: An MLflow tracking server: http(s)://host[:port][/path], or a Databricks workspace.
+MLFLOW_URI_PATTERN = (
+    r"^(https?://([A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?"
+    r"(/[^\s]*)?|databricks(://[A-Za-z0-9_.-]+)?)$"
+)
+_MLFLOW_URI_RE = re.compile(MLFLOW_URI_PATTERN)
+TrackerName = Literal["mlflow", "wandb", "tensorboard"]
+
+
+def check_mlflow_uri(value: str) -> str:
+    """Accept an MLflow tracking server URI (the trainer reports over HTTP, not to files)."""
+    if not _MLFLOW_URI_RE.match(value):
+        raise ValueError(
+            f"{value!r} is not an MLflow tracking server: use http(s)://host[:port][/path] "
+            "(e.g. http://mlflow.mlflow.svc:5000) or databricks"
+        )
+    return value
+
+
+class MlflowSpec(SpecModel):
+    """Report to an MLflow tracking server (credentials from spec.secrets.mlflow)."""
+
+    tracking_uri: Annotated[
+        str,
+        Field(max_length=2048, json_schema_extra={"pattern": MLFLOW_URI_PATTERN}),
+        AfterValidator(check_mlflow_uri),
+    ] = Field(description="The tracking server, e.g. http://mlflow.mlflow.svc:5000.")
+    experiment: str = Field(
+        min_length=1, max_length=500, description="Experiment name (created if missing)."
+    )
+    tags: dict[str, Annotated[str, Field(max_length=5000)]] | None = Field(
+        default=None, max_length=32, description="More tags on the run."
+    )
+
+    @field_validator("tags")
+    @classmethod
+    def _tag_keys(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        for key in value or {}:
+            if not 0 < len(key) <= 250:
+                raise ValueError(f"tag name {key[:40]!r}...: 1 to 250 characters")
+        return value
+
+
+class WandbSpec(SpecModel):
+    """Report to Weights & Biases (API key from spec.secrets.wandb)."""
+
+    project: str = Field(
+        min_length=1,
+        max_length=128,
+        pattern=r"^[^/\\#?%:]+$",
+        description="Project name (no / \\ # ? % :).",
+    )
+    entity: str | None = Field(
+        default=None, min_length=1, max_length=128, description="Team or user; default: the key's."
+    )
+    group: str | None = Field(
+        default=None, min_length=1, max_length=128, description="Group runs together."
+    )
+    tags: list[Annotated[str, Field(min_length=1, max_length=64)]] | None = Field(
+        default=None, max_length=32, description="Tags on the run."
+    )
+    mode: Literal["online", "offline"] = Field(
+        default="online",
+        description="offline: write the run under <output>/wandb/ only (upload later with "
+        "`wandb sync`); needs no API key.",
+    )
+
+
+class TrackingSpec(SpecModel):
+    """Experiment trackers the run reports to (several at once are allowed)."""
+
+    run_name: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=250,
+        description="The run's name in every tracker; default: the FineTuneJob's name.",
+    )
+    mlflow: MlflowSpec | None = Field(default=None, description="MLflow tracking server.")
+    wandb: WandbSpec | None = Field(default=None, description="Weights & Biases.")
+    tensorboard: bool = Field(
+        default=False,
+        description="Write TensorBoard event files under <output>/tensorboard/.",
+    )
+
+    @model_validator(mode="after")
+    def _some(self) -> TrackingSpec:
+        if self.mlflow is None and self.wandb is None and not self.tensorboard:
+            raise ValueError("set at least one of mlflow, wandb or tensorboard: true")
+        return self
+
+    def enabled(self) -> list[TrackerName]:
+        """The trackers this run reports to."""
+        names: list[TrackerName] = []
+        if self.mlflow is not None:
+            names.append("mlflow")
+        if self.wandb is not None:
+            names.append("wandb")
+        if self.tensorboard:
+            names.append("tensorboard")
+        return names
+
+
 TaskType = Literal["causal-lm", "sequence-classification"]
 
 
@@ -573,6 +678,9 @@ class RunConfig(SpecModel):
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     evaluation: EvaluationSpec | None = None
     output: OutputSpec
+    tracking: TrackingSpec | None = Field(
+        default=None, description="Experiment trackers: MLflow, Weights & Biases, TensorBoard."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:

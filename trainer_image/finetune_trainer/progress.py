@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 from enum import IntEnum, StrEnum
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
@@ -18,6 +19,11 @@ ENV_PROGRESS_PORT = "FINETUNE_PROGRESS_PORT"  # port of GET /progress (0 disable
 ENV_TERMINATION_PATH = "FINETUNE_TERMINATION_MESSAGE_PATH"  # where the final summary goes
 ENV_PVC_ROOT = "FINETUNE_PVC_ROOT"  # pvc://CLAIM/path resolves to $FINETUNE_PVC_ROOT/CLAIM/path
 ENV_HF_TOKEN = "HF_TOKEN"  # Hugging Face token (from a referenced Secret)
+ENV_WANDB_API_KEY = "WANDB_API_KEY"  # Weights & Biases API key (from a referenced Secret)
+# The FineTuneJob the run belongs to (tags in experiment trackers)
+ENV_JOB_NAME = "FINETUNE_JOB_NAME"
+ENV_JOB_NAMESPACE = "FINETUNE_JOB_NAMESPACE"
+ENV_JOB_UID = "FINETUNE_JOB_UID"
 # A run of several workers (finetune_trainer.launch): torchrun's own variable names
 ENV_NNODES = "PET_NNODES"  # pods in the group
 ENV_NPROC_PER_NODE = "PET_NPROC_PER_NODE"  # workers per pod (one per GPU)
@@ -116,6 +122,21 @@ class Estimate(WireModel):
     )
 
 
+class TrackerInfo(WireModel):
+    """Where an experiment tracker shows the run, and whether it still reports."""
+
+    name: Literal["mlflow", "wandb", "tensorboard"]
+    url: str | None = Field(default=None, description="The run's page (MLflow, W&B online).")
+    location: str | None = Field(
+        default=None, description="Files the tracker writes (TensorBoard events, W&B offline)."
+    )
+    error: str | None = Field(
+        default=None,
+        max_length=512,
+        description="Why it stopped reporting (training went on without it).",
+    )
+
+
 class Progress(WireModel):
     """`GET /progress`: a live snapshot of the run."""
 
@@ -133,6 +154,7 @@ class Progress(WireModel):
     trained_tokens: int | None = None
     checkpoints: list[CheckpointInfo] = Field(default_factory=list)
     estimate: Estimate | None = None
+    trackers: list[TrackerInfo] | None = None
     updated_at: datetime = Field(default_factory=utcnow)
 
 
@@ -161,6 +183,7 @@ class Summary(WireModel):
     total_params: int | None = None
     trained_tokens: int | None = None
     steps: int | None = None
+    trackers: list[TrackerInfo] | None = None
 
     def exit_code(self) -> ExitCode:
         """The exit code the operator expects for this outcome."""

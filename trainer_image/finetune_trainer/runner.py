@@ -10,6 +10,7 @@ run) raise `InvalidInputError`.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -26,6 +27,14 @@ from finetune_trainer.checkpoints import BestMetric, CheckpointStore
 from finetune_trainer.config import ConfigError, RunConfig
 from finetune_trainer.distributed import Rank, barrier, init_group, settle, smallest
 from finetune_trainer.errors import InvalidInputError
+from finetune_trainer.experiments import (
+    Closing,
+    Experiments,
+    JobIdentity,
+    numeric,
+    preflight,
+    read_samples,
+)
 from finetune_trainer.generation import GenerationEval, held_out
 from finetune_trainer.history import History
 from finetune_trainer.lock import OutputLock, OutputLockedError, hold_output
@@ -64,6 +73,7 @@ from finetune_trainer.progress import (
     Outcome,
     Phase,
     Summary,
+    TrackerInfo,
 )
 from finetune_trainer.strategy import Strategy
 from finetune_trainer.strategy import resolve as resolve_strategy
@@ -81,6 +91,8 @@ ARTIFACTS = (
     "loss.png",
     "README.md",
     "samples.jsonl",
+    "tensorboard",
+    "wandb",
 )
 
 
@@ -900,8 +912,10 @@ def _trainer(
     store: CheckpointStore,
     history: History,
     lock: OutputLock | None,
+    reporters: list[Any],
 ) -> Any:
-    """The Trainer of the run, reporting through RunCallback."""
+    """The Trainer of the run, reporting through RunCallback (and `reporters`: the experiment
+    trackers' callbacks)."""
     from transformers import PrinterCallback
 
     callback = RunCallback(ctx.tracker, store, history, ctx.preemption, lock, ctx.rank)
@@ -914,7 +928,7 @@ def _trainer(
         built.batch_size,
         store.local_dir,
         built.device,
-        [callback],
+        [callback, *reporters],
         built.strategy,
         ctx.rank,
     )
@@ -969,14 +983,99 @@ def settled() -> Iterator[None]:
     settle(None)
 
 
+def hyperparameters(run: RunConfig, built: _Model, world_size: int) -> dict[str, Any]:
+    """What the run trains with, every `auto` resolved (for the experiment trackers)."""
+    t = run.training
+    values: dict[str, Any] = {
+        "task": run.task,
+        "model": run.model.source,
+        "method": run.method.type,
+        "epochs": built.hp.epochs,
+        "maxSteps": t.max_steps,
+        "learningRate": built.hp.learning_rate,
+        "batchSize": built.batch_size,
+        "gradientAccumulationSteps": t.gradient_accumulation_steps,
+        "globalBatchSize": built.batch_size * t.gradient_accumulation_steps * world_size,
+        "workers": world_size,
+        "strategy": built.strategy.kind,
+        "precision": built.hp.precision,
+        "gradientCheckpointing": built.hp.gradient_checkpointing,
+        "scheduler": t.scheduler,
+        "warmupRatio": t.warmup_ratio,
+        "weightDecay": t.weight_decay,
+        "seed": t.seed,
+        "maxSeqLength": run.dataset.max_seq_length,
+        "trainableParams": built.params.trainable,
+        "totalParams": built.params.total,
+    }
+    for name in ("lora", "quantization", "prefix", "prompt"):
+        section = getattr(run.method, name)
+        if section is not None:
+            values[name] = section.model_dump(by_alias=True, exclude_none=True)
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def dataset_report(prepared: Any) -> dict[str, Any]:
+    """Counts, tokens and what validation dropped or changed, by reason (for the trackers)."""
+    return {
+        "format": prepared.format,
+        **prepared.stats.to_dict(),
+        "validation": prepared.report.to_dict(),
+    }
+
+
+def _closing(summary: Summary, out: Path) -> Closing:
+    """What the trackers record at the end: all of metrics.json, the samples and the weights'
+    location for a success; the outcome and the step otherwise."""
+    step = summary.steps or 0
+    if summary.outcome != Outcome.SUCCEEDED:
+        return Closing(summary.outcome, step)
+    metrics_file = out / "metrics.json"
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
+    return Closing(
+        summary.outcome,
+        step,
+        numeric(metrics.items()),
+        read_samples(out / "samples.jsonl"),
+        summary.adapter_uri or summary.model_uri,
+    )
+
+
 def _execute_holding(
     run: RunConfig, ctx: RunContext, out: Path, lock: OutputLock | None
 ) -> Summary:
-    """`execute` once the output location is this run's (`lock`: None on ranks other than 0)."""
+    """`execute` once the output location is this run's (`lock`: None on ranks other than 0),
+    reporting to the experiment trackers of spec.tracking (rank 0)."""
+
+    def on_change(infos: list[TrackerInfo]) -> None:
+        ctx.tracker.update(trackers=infos)
+
+    identity = JobIdentity.from_env(ctx.name)
+    experiments = Experiments(run, out, identity, ctx.rank.is_main, on_change)
+    try:
+        summary = _execute_tracked(run, ctx, out, lock, experiments)
+    except BaseException:
+        experiments.close(Closing(Outcome.FAILED, ctx.tracker.snapshot().step))
+        raise
+    experiments.close(_closing(summary, out))
+    if not experiments.trackers:
+        return summary
+    return summary.model_copy(update={"trackers": experiments.infos()})
+
+
+def _execute_tracked(
+    run: RunConfig,
+    ctx: RunContext,
+    out: Path,
+    lock: OutputLock | None,
+    experiments: Experiments,
+) -> Summary:
+    """The run itself (see `_execute_holding`)."""
     started = time.monotonic()
     store = CheckpointStore(run.output.uri, out, best_metric(run))
     try:
         with settled():
+            preflight(run.tracking)
             data = _load_data(run, ctx, out)
             identity = fingerprint.of_run(run, data.prepared)
             _check_same_run(run, identity, store)
@@ -985,7 +1084,10 @@ def _execute_holding(
             built = _load_model(run, ctx, data)
         ctx.preemption.check()
         history = History(out / "history.jsonl")
-        trainer = _trainer(run, ctx, data, built, store, history, lock)
+        trainer = _trainer(run, ctx, data, built, store, history, lock, experiments.callbacks())
+        experiments.open(
+            hyperparameters(run, built, ctx.rank.world_size), dataset_report(data.prepared)
+        )
         sharded = built.strategy.fsdp
         metrics = _baseline(run, ctx, trainer, data, history, sharded)
         ctx.preemption.check()
