@@ -23,7 +23,7 @@ from pathlib import Path
 from types import FrameType
 
 TOP = 25
-DEPTH = 30
+DEPTH = 16
 OURS = ("finetune_operator", f"{os.sep}kopf{os.sep}")
 
 
