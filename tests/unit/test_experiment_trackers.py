@@ -296,3 +296,21 @@ def test_wandb_online_without_an_api_key_is_refused_before_training(
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     preflight(spec)
     preflight(TrackingSpec.model_validate({"wandb": {"project": "p", "mode": "offline"}}))
+
+
+def test_an_mlflow_run_unknown_to_the_server_is_started_anew(
+    mlflow_server: str, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """tracking.json names the run of an earlier attempt; another server does not have it."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "tracking.json").write_text(json.dumps({"mlflow": "0" * 32}))
+    run = _config(
+        tiny_model_dir, out, {"mlflow": {"trackingUri": mlflow_server, "experiment": "anew"}}
+    )
+    summary = run_reported(run, RunContext(name="anew"), progress_port=None)
+    assert summary.outcome == Outcome.SUCCEEDED, summary.message
+    (mlflow,) = summary.trackers or []
+    assert mlflow.error is None and mlflow.url is not None
+    run_id = json.loads((out / "tracking.json").read_text())["mlflow"]
+    assert run_id != "0" * 32 and mlflow.url.endswith(f"/runs/{run_id}")

@@ -196,18 +196,18 @@ class MlflowTracker(Tracker):
         import mlflow
 
         for key, value in MLFLOW_HTTP_DEFAULTS.items():
-            os.environ.setdefault(key, value)
+            if key not in os.environ:
+                self._setenv(key, value)
         mlflow.set_tracking_uri(self.spec.tracking_uri)
         tags = {**(self.spec.tags or {}), **opening.identity.tags()}
         logged: dict[str, str] = {}
-        if opening.resume_id:
+        if opening.resume_id and self._exists(opening.resume_id):
             active = mlflow.start_run(run_id=opening.resume_id)
             mlflow.set_tags(tags)
             # An MLflow param never changes; a resumed run may be longer (maxSteps, epochs).
             # The Trainer's arguments were logged by the first attempt: not again.
             logged = dict(active.data.params)
-            self._saved_env[MAX_LOG_PARAMS] = os.environ.get(MAX_LOG_PARAMS)
-            os.environ[MAX_LOG_PARAMS] = "0"
+            self._setenv(MAX_LOG_PARAMS, "0")
         else:
             experiment = mlflow.set_experiment(self.spec.experiment)
             active = mlflow.start_run(
@@ -235,6 +235,24 @@ class MlflowTracker(Tracker):
             mlflow.set_tag(f"{TAG_PREFIX}weights-uri", closing.weights_uri)
         status = {Outcome.SUCCEEDED: "FINISHED", Outcome.PREEMPTED: "KILLED"}
         mlflow.end_run(status.get(closing.outcome, "FAILED"))
+
+    def _setenv(self, key: str, value: str) -> None:
+        self._saved_env.setdefault(key, os.environ.get(key))
+        os.environ[key] = value
+
+    def _exists(self, run_id: str) -> bool:
+        """Whether the server has the run of an earlier attempt (else a new run starts)."""
+        from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+
+        try:
+            MlflowClient().get_run(run_id)
+        except MlflowException as exc:
+            if exc.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+                return False
+            raise
+        return True
 
     def restore(self) -> None:
         for key, value in self._saved_env.items():
