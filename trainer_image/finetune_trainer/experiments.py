@@ -15,6 +15,7 @@ online without an API key) is the user's to fix: `preflight` raises InvalidInput
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import netrc
@@ -165,6 +166,9 @@ class Tracker:
     def restore(self) -> None:
         """Undo what `open` changed in the process environment (after the run)."""
 
+    def drop(self) -> None:
+        """Let go of the run after a failure (nothing that may wait on the tracker)."""
+
     def unlogged(self, closing: Closing) -> dict[str, float]:
         """The final metrics the callback did not already log at the final step."""
         return {k: v for k, v in closing.metrics.items() if (k, closing.step) not in self.logged}
@@ -235,6 +239,16 @@ class MlflowTracker(Tracker):
             mlflow.set_tag(f"{TAG_PREFIX}weights-uri", closing.weights_uri)
         status = {Outcome.SUCCEEDED: "FINISHED", Outcome.PREEMPTED: "KILLED"}
         mlflow.end_run(status.get(closing.outcome, "FAILED"))
+
+    def drop(self) -> None:
+        """End the process's active MLflow run: the next run in this process starts clean
+        (the run is taken off the stack before the server is told, which may fail)."""
+        import mlflow
+
+        active = mlflow.active_run()
+        if active is not None and active.info.run_id == self.run_id:
+            with contextlib.suppress(Exception):
+                mlflow.end_run("FAILED")
 
     def _setenv(self, key: str, value: str) -> None:
         self._saved_env.setdefault(key, os.environ.get(key))
@@ -477,6 +491,7 @@ class Experiments:
             tracker.name,
             tracker.error,
         )
+        tracker.drop()
         self._changed()
 
     def _changed(self) -> None:
