@@ -556,6 +556,12 @@ def test_local_paths_and_known_schemes_are_accepted() -> None:
             "tracking.mlflow.trackingUri: 'mlflow:5000' is not an MLflow tracking server: use "
             "http(s)://host[:port][/path]",
         ),
+        (  # credentials never go in the spec: spec.secrets.mlflow holds them
+            {"mlflow": {"trackingUri": "https://bob:hunter2@mlflow:5000", "experiment": "e"}},
+            "tracking.mlflow.trackingUri: credentials do not belong in the URI: put "
+            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in a "
+            "Secret named by spec.secrets.mlflow",
+        ),
         (
             {"mlflow": {"trackingUri": "file:///tmp/mlruns", "experiment": "e"}},
             "tracking.mlflow.trackingUri: 'file:///tmp/mlruns' is not an MLflow tracking server",
@@ -575,6 +581,7 @@ def test_tracking_errors_name_the_field(tracking: dict[str, Any], error: str) ->
     with pytest.raises(ConfigError) as info:
         parse_run_config({**doc, "tracking": tracking})
     assert any(line.startswith(error) for line in info.value.errors), info.value.errors
+    assert "hunter2" not in str(info.value)
 
 
 @pytest.mark.parametrize(

@@ -296,3 +296,48 @@ def test_wandb_online_without_an_api_key_is_refused_before_training(
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     preflight(spec)
     preflight(TrackingSpec.model_validate({"wandb": {"project": "p", "mode": "offline"}}))
+
+
+def test_an_mlflow_run_unknown_to_the_server_is_started_anew(
+    mlflow_server: str, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """tracking.json names the run of an earlier attempt; another server does not have it."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "tracking.json").write_text(json.dumps({"mlflow": "0" * 32}))
+    run = _config(
+        tiny_model_dir, out, {"mlflow": {"trackingUri": mlflow_server, "experiment": "anew"}}
+    )
+    summary = run_reported(run, RunContext(name="anew"), progress_port=None)
+    assert summary.outcome == Outcome.SUCCEEDED, summary.message
+    (mlflow,) = summary.trackers or []
+    assert mlflow.error is None and mlflow.url is not None
+    run_id = json.loads((out / "tracking.json").read_text())["mlflow"]
+    assert run_id != "0" * 32 and mlflow.url.endswith(f"/runs/{run_id}")
+
+
+def test_a_preempted_run_is_killed_in_mlflow_and_its_resume_finishes_the_same_run(
+    mlflow_server: str, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from mlflow import MlflowClient
+
+    out = tmp_path / "out"
+    run = _config(
+        tiny_model_dir, out, {"mlflow": {"trackingUri": mlflow_server, "experiment": "preempt"}}
+    )
+    ctx = RunContext(name="preempt")
+
+    def stop_at_step_2(progress: Progress) -> None:
+        if progress.step >= 2:
+            ctx.preemption.event.set()  # what SIGTERM does
+
+    ctx.tracker.subscribe(stop_at_step_2)
+    stopped = run_reported(run, ctx, progress_port=None)
+    assert stopped.outcome == Outcome.PREEMPTED, stopped.message
+    client = MlflowClient(mlflow_server)
+    run_id = json.loads((out / "tracking.json").read_text())["mlflow"]
+    assert client.get_run(run_id).info.status == "KILLED"
+    resumed = run_reported(run, RunContext(name="preempt"), progress_port=None)
+    assert resumed.outcome == Outcome.SUCCEEDED, resumed.message
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1, 2, 3, 4]

@@ -574,6 +574,12 @@ TrackerName = Literal["mlflow", "wandb", "tensorboard"]
 
 def check_mlflow_uri(value: str) -> str:
     """Accept an MLflow tracking server URI (the trainer reports over HTTP, not to files)."""
+    if "@" in value.split("/", 3)[2 if "://" in value else 0]:  # never echoed: it may be a secret
+        raise ValueError(
+            "credentials do not belong in the URI: put MLFLOW_TRACKING_USERNAME and "
+            "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in a Secret named by "
+            "spec.secrets.mlflow"
+        )
     if not _MLFLOW_URI_RE.match(value):
         raise ValueError(
             f"{value!r} is not an MLflow tracking server: use http(s)://host[:port][/path] "

@@ -15,6 +15,7 @@ online without an API key) is the user's to fix: `preflight` raises InvalidInput
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import netrc
@@ -165,6 +166,9 @@ class Tracker:
     def restore(self) -> None:
         """Undo what `open` changed in the process environment (after the run)."""
 
+    def drop(self) -> None:
+        """Let go of the run after a failure (nothing that may wait on the tracker)."""
+
     def unlogged(self, closing: Closing) -> dict[str, float]:
         """The final metrics the callback did not already log at the final step."""
         return {k: v for k, v in closing.metrics.items() if (k, closing.step) not in self.logged}
@@ -196,18 +200,18 @@ class MlflowTracker(Tracker):
         import mlflow
 
         for key, value in MLFLOW_HTTP_DEFAULTS.items():
-            os.environ.setdefault(key, value)
+            if key not in os.environ:
+                self._setenv(key, value)
         mlflow.set_tracking_uri(self.spec.tracking_uri)
         tags = {**(self.spec.tags or {}), **opening.identity.tags()}
         logged: dict[str, str] = {}
-        if opening.resume_id:
+        if opening.resume_id and self._exists(opening.resume_id):
             active = mlflow.start_run(run_id=opening.resume_id)
             mlflow.set_tags(tags)
             # An MLflow param never changes; a resumed run may be longer (maxSteps, epochs).
             # The Trainer's arguments were logged by the first attempt: not again.
             logged = dict(active.data.params)
-            self._saved_env[MAX_LOG_PARAMS] = os.environ.get(MAX_LOG_PARAMS)
-            os.environ[MAX_LOG_PARAMS] = "0"
+            self._setenv(MAX_LOG_PARAMS, "0")
         else:
             experiment = mlflow.set_experiment(self.spec.experiment)
             active = mlflow.start_run(
@@ -235,6 +239,34 @@ class MlflowTracker(Tracker):
             mlflow.set_tag(f"{TAG_PREFIX}weights-uri", closing.weights_uri)
         status = {Outcome.SUCCEEDED: "FINISHED", Outcome.PREEMPTED: "KILLED"}
         mlflow.end_run(status.get(closing.outcome, "FAILED"))
+
+    def drop(self) -> None:
+        """End the process's active MLflow run: the next run in this process starts clean
+        (the run is taken off the stack before the server is told, which may fail)."""
+        import mlflow
+
+        active = mlflow.active_run()
+        if active is not None and active.info.run_id == self.run_id:
+            with contextlib.suppress(Exception):
+                mlflow.end_run("FAILED")
+
+    def _setenv(self, key: str, value: str) -> None:
+        self._saved_env.setdefault(key, os.environ.get(key))
+        os.environ[key] = value
+
+    def _exists(self, run_id: str) -> bool:
+        """Whether the server has the run of an earlier attempt (else a new run starts)."""
+        from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+
+        try:
+            MlflowClient().get_run(run_id)
+        except MlflowException as exc:
+            if exc.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+                return False
+            raise
+        return True
 
     def restore(self) -> None:
         for key, value in self._saved_env.items():
@@ -459,6 +491,7 @@ class Experiments:
             tracker.name,
             tracker.error,
         )
+        tracker.drop()
         self._changed()
 
     def _changed(self) -> None:
