@@ -77,6 +77,10 @@ _NODE_SHARDING = (
     "has(self.training.distributed.fsdp) && has(self.training.distributed.fsdp.sharding) && "
     "self.training.distributed.fsdp.sharding == 'node'"
 )
+_TOKEN_BATCHES = (
+    "has(self.training) && has(self.training.batchTokens) && "
+    "type(self.training.batchTokens) == int"
+)
 _NODES = "(has(self.resources) && has(self.resources.nodes) ? self.resources.nodes : 1)"
 _GPUS = "(has(self.resources) && has(self.resources.gpus) ? self.resources.gpus : 1)"
 
@@ -187,6 +191,18 @@ SPEC_RULES: dict[tuple[str, ...], list[dict[str, str]]] = {
             ".training.precision",
         ),
         _rule(
+            f"!({_TOKEN_BATCHES}) || !has(self.task) || self.task == 'causal-lm'",
+            "spec.training.batchTokens: only for task causal-lm; use batchSize for "
+            "sequence-classification",
+            ".training.batchTokens",
+        ),
+        _rule(
+            f"!({_TOKEN_BATCHES}) || !({_VIRTUAL_TOKENS})",
+            "spec.training.batchTokens: prefix and prompt tuning train padded rows (their "
+            "virtual tokens are per row); use batchSize",
+            ".training.batchTokens",
+        ),
+        _rule(
             "['pvc://', 's3://', 'gs://', 'gcs://', 'az://', 'abfs://', 'hf://']"
             ".exists(p, self.output.uri.startsWith(p))",
             "spec.output.uri: a cluster run needs durable storage: pvc://, s3:// or hf://",
@@ -223,7 +239,14 @@ SPEC_RULES: dict[tuple[str, ...], list[dict[str, str]]] = {
             f"(has(self.saveSteps) ? self.saveSteps : {_DEFAULT_SAVE_STEPS}) % self.evalSteps == 0",
             "spec.training.saveSteps: must be a multiple of evalSteps when earlyStopping is set",
             ".saveSteps",
-        )
+        ),
+        _rule(
+            "!has(self.batchTokens) || type(self.batchTokens) != int || "
+            "!has(self.batchSize) || type(self.batchSize) != int",
+            "spec.training.batchTokens: set batchSize or batchTokens, not both (a token budget "
+            "sizes the batch; leave batchSize auto)",
+            ".batchTokens",
+        ),
     ],
     ("training", "distributed"): [
         _rule(

@@ -24,6 +24,7 @@ FILE = "fingerprint.json"
 TRAINING_FIELDS = (
     "learningRate",
     "batchSize",
+    "batchTokens",
     "gradientAccumulationSteps",
     "warmupRatio",
     "scheduler",

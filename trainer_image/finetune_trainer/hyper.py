@@ -21,6 +21,10 @@ AUTO_LEARNING_RATE = {
 }
 CPU_AUTO_BATCH = 8
 GPU_AUTO_BATCH_START = 64
+# Tokens per device batch for `batchTokens: auto` on GPU when no memory estimate is given:
+# about 4x the 3.6k real tokens of 8 long-tailed rows at seq 2048 (too little work for an 8B
+# model on an H100/H200), and within a varlen kernel's linear memory (docs/training.md).
+AUTO_BATCH_TOKENS = 16_384
 
 
 def auto_epochs(n_train: int) -> int:
@@ -101,3 +105,33 @@ def resolve(run: RunConfig, n_train: int, device: str, model_params: int | None 
         else resolve_precision(t.precision, device),
         gradient_checkpointing=checkpointing,
     )
+
+
+def batch_tokens(
+    run: RunConfig,
+    device: str,
+    *,
+    attention: str | None,
+    padding_free: bool,
+    estimate: int | None = None,
+) -> int | None:
+    """Tokens per device batch (`training.batchTokens`), or None for rows of batchSize.
+
+    auto sizes batches by tokens only where that is safe and pays: on CUDA, for padding-free
+    (or packed) causal-LM batches, with batchSize auto and a varlen `attention` kernel
+    (flash_attention_2, flex_attention: memory linear in tokens; SDPA materialises a
+    tokens x tokens mask). The budget is `estimate` (the memory estimator's, when it gives
+    one) or AUTO_BATCH_TOKENS."""
+    wanted = run.training.batch_tokens
+    if wanted != "auto":
+        return wanted
+    usable = (
+        device == "cuda"
+        and run.task == "causal-lm"
+        and padding_free
+        and run.training.batch_size == "auto"
+        and attention in ("flash_attention_2", "flex_attention")
+    )
+    if not usable:
+        return None
+    return estimate or AUTO_BATCH_TOKENS

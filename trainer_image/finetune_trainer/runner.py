@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from finetune_trainer import fingerprint, hyper, storage
+from finetune_trainer import fingerprint, hyper, storage, token_batches
 from finetune_trainer.callbacks import PreemptionFlag, RunCallback, StopRequestedError
 from finetune_trainer.checkpoints import BestMetric, CheckpointStore
 from finetune_trainer.config import ConfigError, RunConfig
@@ -121,7 +121,8 @@ def padding_free(
     under `data_parallel` (torch DataParallel splits a batch by rows: one row would all land
     on the first GPU) and at `batch_size` 1 (a lone example has no padding to remove). Packing
     implies it. The attention layers see the sequence boundaries through position_ids
-    (flash-attention varlen, or SDPA/eager with a block-diagonal mask)."""
+    (flash-attention varlen, FlexAttention's document mask, or SDPA/eager with a materialised
+    block-diagonal mask)."""
     if run.task != "causal-lm":
         return False
     if run.dataset.packing:
@@ -219,7 +220,10 @@ def _build_trainer(
     prepared: Any,
     args: dict[str, Any],
     callbacks: list[Any],
+    batch_tokens: int | None = None,
 ) -> Any:
+    """The Trainer of the run: TRL's SFTTrainer for causal LM (batches of `batch_tokens`
+    tokens when set, else rows), transformers' Trainer for classification."""
     if run.task == "sequence-classification":
         import numpy as np
         from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
@@ -241,7 +245,8 @@ def _build_trainer(
     from trl import SFTConfig, SFTTrainer
 
     parallel = data_parallel(model)
-    flat = padding_free(run, parallel, args["per_device_train_batch_size"])
+    rows = None if batch_tokens else args["per_device_train_batch_size"]
+    flat = padding_free(run, parallel, rows)
     if flat and parallel:
         log.warning(
             "dataset.paddingFree: true with several GPUs in one process: DataParallel cannot "
@@ -257,7 +262,11 @@ def _build_trainer(
         completion_only_loss=True,
         dataset_num_proc=None,
     )
-    return SFTTrainer(
+    trainer_class: Any = SFTTrainer
+    if batch_tokens:
+        trainer_class = token_batches.with_token_batches(SFTTrainer)
+        log.info("batches of at most %d tokens (training.batchTokens)", batch_tokens)
+    trainer = trainer_class(
         model=model,
         args=config,
         train_dataset=prepared.train,
@@ -265,6 +274,8 @@ def _build_trainer(
         processing_class=tokenizer,
         callbacks=callbacks,
     )
+    trainer.batch_tokens = batch_tokens
+    return trainer
 
 
 def restore_finished(trainer: Any, checkpoint: Path) -> bool:
@@ -410,6 +421,7 @@ class _Model:
     batch_size: int
     device: str
     strategy: Strategy
+    batch_tokens: int | None = None  # tokens per device batch, instead of batch_size rows
 
 
 def _load_data(run: RunConfig, ctx: RunContext, out: Path) -> _Data:
@@ -458,6 +470,14 @@ def _load_model(run: RunConfig, ctx: RunContext, data: _Data) -> _Model:
     log.info("%s", params)
     strategy = _strategy(run, ctx, params, device)
     batch_size = hp.batch_size
+    tokens = hyper.batch_tokens(
+        run,
+        device,
+        attention=getattr(model.config, "_attn_implementation", None),
+        padding_free=padding_free(run, data_parallel(model)),
+    )
+    if tokens is not None:  # rows only size the evaluation batches and the logs
+        batch_size = token_batches.mean_rows(data.prepared.train, tokens)
     if batch_size is None and strategy.fsdp:  # the unsharded model says nothing of a shard
         batch_size = min(hyper.CPU_AUTO_BATCH, len(data.prepared.train))
     if batch_size is None:
@@ -466,9 +486,9 @@ def _load_model(run: RunConfig, ctx: RunContext, data: _Data) -> _Model:
         start = min(hyper.GPU_AUTO_BATCH_START, len(data.prepared.train))
         batch_size = hyper.probe_batch_size(model, run.dataset.max_seq_length, start)
     batch_size = smallest(batch_size)  # what every GPU of the run can hold
-    if hp.batch_size is None:
+    if hp.batch_size is None and tokens is None:
         log.info("auto batch size: %d per worker", batch_size)
-    return _Model(model, params, hp, batch_size, device, strategy)
+    return _Model(model, params, hp, batch_size, device, strategy, tokens)
 
 
 def _strategy(run: RunConfig, ctx: RunContext, params: ParamCount, device: str) -> Strategy:
@@ -732,7 +752,9 @@ def _trainer(
             built.hp.gradient_checkpointing,
         )
     )
-    trainer = _build_trainer(run, built.model, data.tokenizer, data.prepared, args, [callback])
+    trainer = _build_trainer(
+        run, built.model, data.tokenizer, data.prepared, args, [callback], built.batch_tokens
+    )
     trainer.remove_callback(PrinterCallback)  # RunCallback logs each step once, as text
     return trainer
 
