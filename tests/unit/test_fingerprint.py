@@ -80,7 +80,7 @@ IRRELEVANT = {
     ),
     "output.uri": st.sampled_from(["/elsewhere", "s3://bucket/run", "pvc://outputs/x"]),
     "output.mergeAdapter": st.booleans(),
-    "model.attention": st.sampled_from(["sdpa", "eager", "flash_attention_2"]),
+    "model.attention": st.sampled_from(["sdpa", "eager", "flash_attention_2", "flex_attention"]),
     "model.trustRemoteCode": st.booleans(),
     "dataset.source": st.sampled_from(["/copy/train.jsonl", "s3://b/train.jsonl"]),
     "dataset.paddingFree": st.booleans(),

@@ -188,6 +188,7 @@ training = some_of(
         metric=st.sampled_from(["eval_loss", "eval_accuracy"]),
         threshold=around(0.0, 1.0),
     ),
+    batchTokens=st.one_of(st.just("auto"), st.integers(64, 4_194_304)),
 )
 quantity = pick(QUANTITIES, BAD_QUANTITIES)
 name = pick(NAMES, BAD_NAMES)
@@ -217,7 +218,7 @@ model_section = st.builds(
         revision=st.sampled_from(["main", "v1.0", "abc123"]),
         trustRemoteCode=st.booleans(),
         dtype=st.sampled_from(["auto", "bfloat16", "float16", "float32"]),
-        attention=st.sampled_from(["auto", "sdpa", "eager", "flash_attention_2"]),
+        attention=st.sampled_from(["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"]),
     ),
 )
 output_section = st.builds(
