@@ -408,8 +408,8 @@ class TrainingSpec(SpecModel):
     )
     liger_kernel: bool | Auto = Field(
         default="auto",
-        description="Liger Triton kernels (RMSNorm, RoPE, SwiGLU); auto: on with CUDA when "
-        "liger-kernel is installed.",
+        description="Liger Triton kernels (RMSNorm, RoPE, SwiGLU; CUDA only); auto: on with "
+        "CUDA when liger-kernel is installed (the trainer image has it).",
     )
     seed: int = Field(default=42, ge=0, le=2**31 - 1)
     logging_steps: int = Field(default=10, ge=1, le=100_000)

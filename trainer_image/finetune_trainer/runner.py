@@ -144,11 +144,24 @@ def data_parallel(model: Any) -> bool:
 
 
 def use_liger(run: RunConfig, device: str) -> bool:
-    """Liger kernels: auto means on with CUDA when liger-kernel is installed."""
-    if run.training.liger_kernel == "auto":
-        import importlib.util
+    """Liger's Triton kernels (RMSNorm, RoPE, SwiGLU; TRL keeps its own chunked LM-head loss,
+    which already avoids full logits, instead of Liger's fused linear cross-entropy). auto: on
+    with CUDA when liger-kernel is installed (the gpu extra); true where it cannot run is the
+    user's error."""
+    import importlib.util
 
-        return device == "cuda" and importlib.util.find_spec("liger_kernel") is not None
+    installed = importlib.util.find_spec("liger_kernel") is not None
+    if run.training.liger_kernel == "auto":
+        return device == "cuda" and installed
+    if run.training.liger_kernel and device != "cuda":
+        raise InvalidInputError(
+            "training.ligerKernel: Liger's Triton kernels need a CUDA GPU; set it to auto or false"
+        )
+    if run.training.liger_kernel and not installed:
+        raise InvalidInputError(
+            "training.ligerKernel: liger-kernel is not installed in this image (pip install "
+            "'finetune[gpu]'); set it to auto or false"
+        )
     return bool(run.training.liger_kernel)
 
 

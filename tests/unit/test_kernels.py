@@ -1,6 +1,7 @@
-"""Attention kernels (`model.attention`): which one auto picks, and that every batch layout
-(padded, padding-free, packed) and kernel (sdpa, FlexAttention's document mask) computes the
-same loss on the tiny model."""
+"""Kernels: which attention kernel (`model.attention`) and whether Liger's kernels
+(`training.ligerKernel`) auto picks, and that every batch layout (padded, padding-free, packed)
+and attention kernel (sdpa, FlexAttention's document mask) computes the same loss on the tiny
+model."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from typing import Any
 
 import pytest
 from finetune_trainer.config import RunConfig
+from finetune_trainer.errors import InvalidInputError
 from finetune_trainer.models import ModelLoadError, attention_implementation
+from finetune_trainer.runner import use_liger
 
 
 def _run(method: str = "lora", attention: str = "auto") -> RunConfig:
@@ -70,6 +73,46 @@ def test_explicit_kernels_win_where_they_can_train(installed: set[str]) -> None:
     assert attention_implementation(_run(attention="flash_attention_2"), "cuda") == (
         "flash_attention_2"
     )
+
+
+@pytest.mark.parametrize(
+    ("setting", "device", "packages", "on"),
+    [
+        ("auto", "cuda", {"liger_kernel"}, True),
+        ("auto", "cuda", set(), False),
+        ("auto", "cpu", {"liger_kernel"}, False),  # Triton kernels: the CPU path is unchanged
+        (False, "cuda", {"liger_kernel"}, False),
+        (True, "cuda", {"liger_kernel"}, True),
+    ],
+)
+def test_liger_auto(
+    installed: set[str], setting: object, device: str, packages: set[str], on: bool
+) -> None:
+    installed.update(packages)
+    run = RunConfig.model_validate(
+        {
+            "model": {"source": "m"},
+            "dataset": {"source": "d"},
+            "training": {"ligerKernel": setting},
+            "output": {"uri": "o"},
+        }
+    )
+    assert use_liger(run, device) is on
+
+
+def test_liger_forced_where_it_cannot_run_is_an_input_error(installed: set[str]) -> None:
+    run = RunConfig.model_validate(
+        {
+            "model": {"source": "m"},
+            "dataset": {"source": "d"},
+            "training": {"ligerKernel": True},
+            "output": {"uri": "o"},
+        }
+    )
+    with pytest.raises(InvalidInputError, match=r"^training.ligerKernel: .* need a CUDA GPU"):
+        use_liger(run, "cpu")
+    with pytest.raises(InvalidInputError, match=r"^training.ligerKernel: liger-kernel is not"):
+        use_liger(run, "cuda")
 
 
 def _examples(vocab: int) -> list[dict[str, Any]]:
