@@ -110,3 +110,16 @@ def test_padding_free_batches_give_the_padded_loss(tiny_model_dir: Path) -> None
         with torch.no_grad():
             losses.append(float(model(**batch, use_cache=False).loss))
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_attention_memory_rows_and_growth() -> None:
+    attention_memory = _load("attention_memory")
+    ids, positions = attention_memory._row(3000, seed=1)
+    assert len(ids) == len(positions) == 3000
+    starts = [i for i, p in enumerate(positions) if p == 0]
+    assert starts[0] == 0 and len(starts) > 3  # several documents, positions restart in each
+    assert all(b - a <= 2048 for a, b in zip(starts, starts[1:], strict=False))
+    linear = attention_memory.growth({"1000": 10, "2000": 20, "4000": 40})
+    quadratic = attention_memory.growth({"1000": 10, "2000": 40, "4000": 160})
+    assert linear["exponent"] == pytest.approx(1.0) and linear["4000/2000"] == 2.0
+    assert quadratic["exponent"] == pytest.approx(2.0)
