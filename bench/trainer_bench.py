@@ -12,8 +12,15 @@ Arms, run alternately (A B A B ...) in one process so machine drift hits both al
   ``_build_trainer``, ``methods.apply_method``, ``hyper.resolve``, ``models`` helpers) with
   its defaults, and the same LoRA shape (r=16, q/k/v/o), learning rate, schedule, batch size,
   seed, gradient checkpointing and number of optimizer steps.
+- ``trl-expert``: the best TRL recipe an expert would write: ``SFTTrainer`` with the LoRA as
+  ``peft_config``, ``padding_free=True``, ``use_liger_kernel=True`` (CUDA with liger-kernel),
+  bf16 (CUDA), flash_attention_2 when flash-attn is installed (TRL's advice for padding-free)
+  else sdpa, the same gradient checkpointing, batch, schedule and steps.
+- ``ours-defaults``: ours with ``batchSize: auto`` as a user leaves it: on CUDA the attention
+  and token budget ``auto`` choose (FlexAttention, ``batchTokens`` 16k), on CPU rows of 8.
 - ablations (``--arms``): ``ours-padded`` (padding-free off: pad to the longest in the batch),
-  ``ours-packed`` (BFD packing into max_length rows), ``ours-liger`` / ``ours-noliger``.
+  ``ours-packed`` (BFD packing into max_length rows), ``ours-liger`` / ``ours-noliger``,
+  ``ours-sdpa`` (``model.attention: sdpa``), ``ours-tokens`` (``batchTokens: --batch-tokens``).
 
 Each arm builds the same random-initialised model from a config (weights do not change
 throughput) and trains on the same seeded data with a long-tailed length distribution. After
@@ -28,6 +35,7 @@ import contextlib
 import gc
 import json
 import logging
+import math
 import os
 import platform
 import subprocess
@@ -83,7 +91,10 @@ def llama_config(shape: benchlib.ModelShape, max_len: int) -> Any:
 
 
 def build_data(args: argparse.Namespace, shape: benchlib.ModelShape) -> dict[str, Any]:
-    n_train = args.steps * args.batch
+    # token-budget arms take more examples per step than `batch` rows: enough for them too
+    mean_fill = benchlib.fill_ratio(benchlib.sample_lengths(4096, args.seq, 0), args.seq)
+    rows_per_budget = math.ceil(args.batch_tokens / (mean_fill * args.seq))
+    n_train = args.steps * max(args.batch, 2 * rows_per_budget)
     lengths = benchlib.sample_lengths(n_train + args.eval_examples, args.seq, args.seed)
     ids, masks = benchlib.markov_examples(lengths, shape.vocab, args.seed)
     for seq in ids:  # end of example, as the data pipeline does (inside max_len)
@@ -245,7 +256,7 @@ def run_config(args: argparse.Namespace, overrides: dict[str, Any]) -> Any:
 
 def arm_ours(ctx: dict[str, Any], overrides: dict[str, Any]) -> tuple[Any, Any]:
     from datasets import Dataset
-    from finetune_trainer import hyper, runner
+    from finetune_trainer import hyper, runner, token_batches
     from finetune_trainer.methods import apply_method
     from finetune_trainer.models import LocalModel, attention_implementation, load_model
 
@@ -258,7 +269,7 @@ def arm_ours(ctx: dict[str, Any], overrides: dict[str, Any]) -> tuple[Any, Any]:
     if run.method.quantization is not None:
         model = load_model(LocalModel(ctx["model_dir"]), run, dtype=dtype)
     else:
-        attn = attention_implementation(run.model)
+        attn = attention_implementation(run, device)
         model = random_model(ctx["config"], args.seed, dtype, attn, device)
     if hp.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -270,11 +281,82 @@ def arm_ours(ctx: dict[str, Any], overrides: dict[str, Any]) -> tuple[Any, Any]:
         {"input_ids": ctx["data"]["train_ids"], "completion_mask": ctx["data"]["train_masks"]}
     )
     prepared = SimpleNamespace(train=train, eval=None)
-    targs = runner._training_args(
-        run, hp, args.batch, ctx["tmp"] / "ours", has_eval=False, device=device
+    # as runner._load_model settles the batch: a token budget, else rows
+    tokens = hyper.batch_tokens(
+        run,
+        device,
+        attention=getattr(model.config, "_attn_implementation", None),
+        padding_free=runner.padding_free(run),
+    )
+    rows = hp.batch_size or args.batch
+    if tokens is not None:
+        rows = token_batches.mean_rows(train, tokens)
+    targs = runner._training_args(run, hp, rows, ctx["tmp"] / "ours", has_eval=False, device=device)
+    timer = step_timer(device)
+    trainer = runner._build_trainer(
+        run, model, ctx["tokenizer"], prepared, targs, [timer], batch_tokens=tokens
+    )
+    return trainer, timer
+
+
+def arm_trl_expert(ctx: dict[str, Any], overrides: dict[str, Any]) -> tuple[Any, Any]:
+    """The TRL recipe an expert writes: SFTTrainer + peft_config, padding-free batches, Liger
+    kernels (CUDA), bf16, flash-attention when installed."""
+    import importlib.util
+
+    import torch
+    import transformers
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    args = ctx["args"]
+    device = ctx["device"]
+    cuda = device == "cuda"
+    flash = cuda and importlib.util.find_spec("flash_attn") is not None
+    liger = cuda and importlib.util.find_spec("liger_kernel") is not None
+    attn = "flash_attention_2" if flash else "sdpa"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    model = random_model(ctx["config"], args.seed, dtype, attn, device)
+    transformers.set_seed(args.seed)
+    peft_config = None
+    if args.method != "full":
+        peft_config = LoraConfig(
+            r=16, lora_alpha=32, lora_dropout=0.05, target_modules=LORA_MODULES, task_type="CAUSAL_LM"
+        )
+    config = SFTConfig(
+        output_dir=str(ctx["tmp"] / "trl-expert"),
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch,
+        learning_rate=args.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.1,
+        seed=args.seed,
+        bf16=cuda,
+        use_cpu=not cuda,
+        gradient_checkpointing=ctx["gradient_checkpointing"],
+        padding_free=True,
+        use_liger_kernel=liger,
+        max_length=None,  # the data is already within max_length
+        completion_only_loss=True,
+        logging_steps=1000,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        include_num_input_tokens_seen="non_padding",
+    )
+    train = Dataset.from_dict(
+        {"input_ids": ctx["data"]["train_ids"], "completion_mask": ctx["data"]["train_masks"]}
     )
     timer = step_timer(device)
-    trainer = runner._build_trainer(run, model, ctx["tokenizer"], prepared, targs, [timer])
+    trainer = SFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=train,
+        processing_class=ctx["tokenizer"],
+        peft_config=peft_config,
+        callbacks=[timer],
+    )
     return trainer, timer
 
 
@@ -357,9 +439,17 @@ def arm_baseline(ctx: dict[str, Any], overrides: dict[str, Any]) -> tuple[Any, A
     return trainer, timer
 
 
-ARMS: dict[str, tuple[Any, dict[str, Any]]] = {
+# name: (builder, RunConfig overrides for ours, or a function of the command line giving them)
+ARMS: dict[str, tuple[Any, Any]] = {
     "baseline": (arm_baseline, {}),
+    "trl-expert": (arm_trl_expert, {}),
     "ours": (arm_ours, {}),
+    "ours-defaults": (arm_ours, {"training": {"batchSize": "auto"}}),
+    "ours-tokens": (
+        arm_ours,
+        lambda a: {"training": {"batchSize": "auto", "batchTokens": a.batch_tokens}},
+    ),
+    "ours-sdpa": (arm_ours, {"model": {"attention": "sdpa"}}),
     "ours-padded": (arm_ours, {"dataset": {"paddingFree": False}}),
     "ours-packed": (arm_ours, {"dataset": {"packing": True}}),
     "ours-liger": (arm_ours, {"training": {"ligerKernel": True}}),
@@ -373,6 +463,8 @@ def run_arm(name: str, ctx: dict[str, Any]) -> dict[str, Any]:
     device = ctx["device"]
     args = ctx["args"]
     build, overrides = ARMS[name]
+    if callable(overrides):  # settings that come from the command line
+        overrides = overrides(args)
     free_memory()
     before = reset_peak(device)
     started = time.perf_counter()
@@ -512,6 +604,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq", type=int, help="max length (default 512 cpu, 2048 cuda)")
     p.add_argument("--batch", type=int, help="per-device batch (default 8 cpu, 8 cuda)")
     p.add_argument("--steps", type=int, help="optimizer steps per run (default 8 cpu, 16 cuda)")
+    p.add_argument(
+        "--batch-tokens", type=int, help="ours-tokens' budget (default 16384 cuda, 2048 cpu)"
+    )
     p.add_argument("--warmup", type=int, default=2, help="steps left out of the timing")
     p.add_argument("--rounds", type=int, default=2, help="A/B alternations")
     p.add_argument(
@@ -530,6 +625,7 @@ def main(argv: list[str] | None = None) -> int:
     args.seq = args.seq or (2048 if cuda else 512)
     args.batch = args.batch or 8
     args.steps = args.steps or (16 if cuda else 8)
+    args.batch_tokens = args.batch_tokens or (16_384 if cuda else 2048)
     args.lr = args.lr or (1e-4 if args.method == "full" else 1e-3)
     if args.gradient_checkpointing != "auto":
         args.gradient_checkpointing = args.gradient_checkpointing == "true"

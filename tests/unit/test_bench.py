@@ -123,3 +123,24 @@ def test_attention_memory_rows_and_growth() -> None:
     quadratic = attention_memory.growth({"1000": 10, "2000": 40, "4000": 160})
     assert linear["exponent"] == pytest.approx(1.0) and linear["4000/2000"] == 2.0
     assert quadratic["exponent"] == pytest.approx(2.0)
+
+
+def test_trainer_bench_runs_every_cpu_arm_on_the_tiny_shape(tmp_path: Path) -> None:
+    """A smoke run of bench/trainer_bench.py on CPU: each arm (our path, our defaults and a
+    token budget, the plain recipe and the expert TRL recipe) trains and is evaluated."""
+    import json
+
+    trainer_bench = _load("trainer_bench")
+    out = tmp_path / "bench.json"
+    arms = ["ours", "ours-defaults", "ours-tokens", "baseline", "trl-expert"]
+    argv = ["--device", "cpu", "--model", "tiny", "--seq", "64", "--batch", "4", "--steps", "3"]
+    argv += ["--rounds", "1", "--warmup-steps", "0", "--warmup", "1", "--eval-examples", "4"]
+    argv += ["--batch-tokens", "256", "--arms", ",".join(arms), "--out", str(out)]
+    assert trainer_bench.main(argv) == 0
+    summary = json.loads(out.read_text())["summary"]
+    assert list(summary) == arms
+    for arm in arms:
+        assert "error" not in summary[arm], (arm, summary[arm])
+        assert summary[arm]["tokens_per_s"] > 0 and math.isfinite(summary[arm]["eval_loss"])
+    # the token budget packs more examples into a step than 4 rows of this data
+    assert summary["ours-tokens"]["real_tokens_per_step"] > summary["ours"]["real_tokens_per_step"]
