@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import itertools
 import json
 import math
 import subprocess
@@ -108,7 +109,7 @@ def growth(peaks: dict[str, int]) -> dict[str, float]:
     over the upper half of the lengths (log-log slope; short rows sit in allocator noise)."""
     items = sorted((int(k), v) for k, v in peaks.items())
     out: dict[str, float] = {}
-    for (n0, m0), (n1, m1) in zip(items, items[1:], strict=False):
+    for (n0, m0), (n1, m1) in itertools.pairwise(items):
         out[f"{n1}/{n0}"] = m1 / max(m0, 1)
     (n0, m0), (n1, m1) = items[len(items) // 2], items[-1]
     out["exponent"] = math.log(max(m1, 1) / max(m0, 1)) / math.log(n1 / n0)

@@ -122,7 +122,7 @@ def save_random_model(config: Any, out: Path, seed: int, dtype: Any) -> None:
     free_memory()
 
 
-def random_model(config: Any, seed: int, dtype: Any, attn: str, device: str) -> Any:
+def random_model(config: Any, seed: int, dtype: Any, attn: str | None, device: str) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -317,12 +317,33 @@ def arm_trl_expert(ctx: dict[str, Any], overrides: dict[str, Any]) -> tuple[Any,
     liger = cuda and importlib.util.find_spec("liger_kernel") is not None
     attn = "flash_attention_2" if flash else "sdpa"
     dtype = torch.bfloat16 if cuda else torch.float32
-    model = random_model(ctx["config"], args.seed, dtype, attn, device)
+    if args.method == "qlora":  # the usual nf4 recipe; SFTTrainer prepares the k-bit model
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        bnb = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+        model = AutoModelForCausalLM.from_pretrained(
+            ctx["model_dir"],
+            quantization_config=bnb,
+            dtype=dtype,
+            device_map={"": 0},
+            attn_implementation=attn,
+        )
+    else:
+        model = random_model(ctx["config"], args.seed, dtype, attn, device)
     transformers.set_seed(args.seed)
     peft_config = None
     if args.method != "full":
         peft_config = LoraConfig(
-            r=16, lora_alpha=32, lora_dropout=0.05, target_modules=LORA_MODULES, task_type="CAUSAL_LM"
+            r=16,
+            lora_alpha=32,
+            lora_dropout=0.05,
+            target_modules=LORA_MODULES,
+            task_type="CAUSAL_LM",
         )
     config = SFTConfig(
         output_dir=str(ctx["tmp"] / "trl-expert"),

@@ -78,8 +78,7 @@ _NODE_SHARDING = (
     "self.training.distributed.fsdp.sharding == 'node'"
 )
 _TOKEN_BATCHES = (
-    "has(self.training) && has(self.training.batchTokens) && "
-    "type(self.training.batchTokens) == int"
+    "has(self.training) && has(self.training.batchTokens) && type(self.training.batchTokens) == int"
 )
 _NODES = "(has(self.resources) && has(self.resources.nodes) ? self.resources.nodes : 1)"
 _GPUS = "(has(self.resources) && has(self.resources.gpus) ? self.resources.gpus : 1)"

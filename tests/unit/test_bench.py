@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import math
 import sys
 from pathlib import Path
@@ -118,7 +119,7 @@ def test_attention_memory_rows_and_growth() -> None:
     assert len(ids) == len(positions) == 3000
     starts = [i for i, p in enumerate(positions) if p == 0]
     assert starts[0] == 0 and len(starts) > 3  # several documents, positions restart in each
-    assert all(b - a <= 2048 for a, b in zip(starts, starts[1:], strict=False))
+    assert all(b - a <= 2048 for a, b in itertools.pairwise(starts))
     linear = attention_memory.growth({"1000": 10, "2000": 20, "4000": 40})
     quadratic = attention_memory.growth({"1000": 10, "2000": 40, "4000": 160})
     assert linear["exponent"] == pytest.approx(1.0) and linear["4000/2000"] == 2.0

@@ -153,9 +153,7 @@ def test_padded_padding_free_packed_and_flex_give_the_same_loss(tiny_model_dir: 
     flat = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(examples)
     packed_rows = pack_dataset(Dataset.from_list(examples), seq_length=40, strategy="bfd")
     assert len(packed_rows) < len(examples)  # several examples share a row
-    packed = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(
-        list(packed_rows)
-    )
+    packed = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(list(packed_rows))
     assert padded["input_ids"].shape[0] == len(examples) and flat["input_ids"].shape[0] == 1
     with torch.no_grad():
         losses = {

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 from pathlib import Path
@@ -26,7 +27,7 @@ def test_groups_cover_every_example_once_within_the_budget() -> None:
         assert len(group) == 1 or sum(lengths[i] for i in group) <= 512
     assert [500] in groups  # the overlong example alone
     # a group closes only when the next example would not fit: no two neighbours fit together
-    for a, b in zip(groups, groups[1:], strict=False):
+    for a, b in itertools.pairwise(groups):
         assert sum(lengths[i] for i in a) + lengths[b[0]] > 512
     assert token_groups(lengths, 512, seed=1) == groups
     assert token_groups(lengths, 512, seed=2) != groups

@@ -219,9 +219,8 @@ def load_model(
     label_names: list[str] | None = None,
 ) -> Any:
     """Load the base model for the run's task, k-bit quantized when the method asks for it."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
     import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     spec = run.model
     attention = attention_implementation(run, "cuda" if torch.cuda.is_available() else "cpu")
