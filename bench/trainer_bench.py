@@ -478,6 +478,61 @@ ARMS: dict[str, tuple[Any, Any]] = {
 }
 
 
+# Where a step's time goes: profiler op names (substrings) by kind of work, first match wins.
+OP_KINDS = (
+    ("loss / LM head", ("cross_entropy", "log_softmax", "nll_loss", "logsumexp", "logprob")),
+    ("dropout", ("bernoulli", "dropout")),
+    ("attention", ("attention", "flex", "sdpa", "softmax")),
+    ("attention mask", ("mask", "vmap", "cumsum", "diff")),
+    ("matmul", ("mm", "matmul", "linear", "addmm", "baddbmm")),
+    ("optimizer", ("adam", "_foreach", "optimizer")),
+    ("norm / rope / activation", ("rms", "pow", "rsqrt", "silu", "sigmoid", "cos", "sin")),
+)
+
+
+def profile_arm(name: str, ctx: dict[str, Any], steps: int = 3) -> dict[str, Any]:
+    """Run `name` for `steps` optimizer steps under torch.profiler; the share of self device
+    time (CUDA) or self CPU time by kind of op (OP_KINDS), and the top ops."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    args = ctx["args"]
+    device = ctx["device"]
+    timed_steps, args.steps = args.steps, steps
+    build, overrides = ARMS[name]
+    if callable(overrides):
+        overrides = overrides(args)
+    try:
+        trainer, _ = build(ctx, overrides)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+        with profile(activities=activities) as prof:
+            trainer.train()
+            if device == "cuda":
+                torch.cuda.synchronize()
+    finally:
+        args.steps = timed_steps
+    field = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+    ops = [(e.key, float(getattr(e, field))) for e in prof.key_averages()]
+    ops = [(k, t) for k, t in ops if t > 0 and not k.startswith(("ProfilerStep", "Optimizer."))]
+    total = sum(t for _, t in ops) or 1.0
+    kinds: dict[str, float] = {}
+    for key, t in ops:
+        low = key.lower()
+        kind = next((k for k, subs in OP_KINDS if any(x in low for x in subs)), "other")
+        kinds[kind] = kinds.get(kind, 0.0) + t / total
+    top = sorted(ops, key=lambda kt: -kt[1])[:15]
+    del trainer
+    free_memory()
+    return {
+        "arm": name,
+        "steps": steps,
+        "time": field,
+        "total_s": total / 1e6,
+        "share_by_kind": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
+        "top_ops": [{"op": k, "share": t / total} for k, t in top],
+    }
+
+
 def run_arm(name: str, ctx: dict[str, Any]) -> dict[str, Any]:
     import torch
 
@@ -640,6 +695,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--out", type=Path, help="write results as JSON here")
+    p.add_argument(
+        "--profile", default="", help="comma list of arms to run once more under torch.profiler"
+    )
     args = p.parse_args(argv)
     cuda = args.device == "cuda"
     args.model = args.model or ("llama-3.2-1b" if cuda else "small")
@@ -728,6 +786,12 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(shown), flush=True)
     summary = summarize(results, arms)
     print_table(summary, args.device)
+    profiles = [profile_arm(a.strip(), ctx) for a in args.profile.split(",") if a.strip()]
+    for prof in profiles:
+        shares = ", ".join(f"{k} {v:.0%}" for k, v in prof["share_by_kind"].items())
+        print(f"\nprofile {prof['arm']} ({prof['steps']} steps, {prof['time']}): {shares}")
+        for op in prof["top_ops"][:8]:
+            print(f"  {op['share']:6.1%}  {op['op']}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         doc = {
@@ -742,6 +806,7 @@ def main(argv: list[str] | None = None) -> int:
             "gradient_checkpointing": hp.gradient_checkpointing,
             "results": results,
             "summary": summary,
+            "profiles": profiles,
         }
         args.out.write_text(json.dumps(doc, indent=1))
     return 0
