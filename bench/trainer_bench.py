@@ -90,10 +90,13 @@ def llama_config(shape: benchlib.ModelShape, max_len: int) -> Any:
     )
 
 
-def build_data(args: argparse.Namespace, shape: benchlib.ModelShape) -> dict[str, Any]:
-    # token-budget arms take more examples per step than `batch` rows: enough for them too
+def build_data(
+    args: argparse.Namespace, shape: benchlib.ModelShape, budget: int = 0
+) -> dict[str, Any]:
+    """Seeded examples: enough for `steps` batches of `batch` rows, or of `budget` tokens
+    when a token-budget arm runs (it takes more examples per step)."""
     mean_fill = benchlib.fill_ratio(benchlib.sample_lengths(4096, args.seq, 0), args.seq)
-    rows_per_budget = math.ceil(args.batch_tokens / (mean_fill * args.seq))
+    rows_per_budget = math.ceil(budget / (mean_fill * args.seq))
     n_train = args.steps * max(args.batch, 2 * rows_per_budget)
     lengths = benchlib.sample_lengths(n_train + args.eval_examples, args.seq, args.seed)
     ids, masks = benchlib.markov_examples(lengths, shape.vocab, args.seed)
@@ -733,7 +736,8 @@ def main(argv: list[str] | None = None) -> int:
 
     shape = benchlib.SHAPES[args.model]
     tmp = Path(tempfile.mkdtemp(prefix="ftbench-"))
-    data = build_data(args, shape)
+    budget = args.batch_tokens if {"ours-tokens", "ours-defaults"} & set(arms) else 0
+    data = build_data(args, shape, budget)
     config = llama_config(shape, args.seq)
     hp_run = run_config(args, {})
     hp = hyper.resolve(

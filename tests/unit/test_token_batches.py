@@ -180,3 +180,27 @@ def test_a_resumed_token_budget_run_trains_like_an_uninterrupted_one(
     a, b = losses(straight), losses(resumed)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     assert b == pytest.approx(a, rel=1e-5)
+
+
+def test_the_auto_budget_shrinks_to_what_fits(tiny_model_dir: Path) -> None:
+    """probe_batch_tokens tries one padding-free row of maxSeqLength documents and shrinks the
+    budget when it runs out of memory (here: a model that does above 1,500 tokens)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tried: list[tuple[int, int]] = []
+    forward = model.forward
+
+    def limited(**kwargs: Any) -> Any:
+        tokens = kwargs["input_ids"].shape[1]
+        tried.append((tokens, int(kwargs["position_ids"].max()) + 1))
+        if tokens > 1500:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+        return forward(**kwargs)
+
+    model.forward = limited
+    found = hyper.probe_batch_tokens(model, 2048, seq_len=256)
+    assert 1000 < found <= 1500
+    assert tried[0] == (2048, 256)  # the budget first, as documents of maxSeqLength
+    assert [t for t, _ in tried] == sorted((t for t, _ in tried), reverse=True)

@@ -65,6 +65,28 @@ def probe_batch_size(model: Any, seq_len: int, start: int) -> int:
     return found
 
 
+def probe_batch_tokens(model: Any, budget: int, seq_len: int) -> int:
+    """The largest token budget, shrinking from `budget`, whose forward+backward over one
+    padding-free row of `seq_len`-token documents (the most attention work a budget can
+    hold) fits in memory, found by trying as `probe_batch_size` does."""
+    import torch
+    from accelerate.utils import find_executable_batch_size
+
+    device = next(model.parameters()).device
+
+    def attempt(tokens: int) -> int:
+        ids = torch.zeros((1, tokens), dtype=torch.long, device=device)
+        positions = (torch.arange(tokens, device=device) % seq_len).unsqueeze(0)
+        out = model(input_ids=ids, position_ids=positions, labels=ids)
+        out.loss.backward()
+        model.zero_grad(set_to_none=True)
+        return tokens
+
+    found = int(find_executable_batch_size(attempt, starting_batch_size=budget)())
+    torch.cuda.empty_cache()
+    return found
+
+
 @dataclass(frozen=True)
 class Resolved:
     """Concrete hyperparameters for one run."""
@@ -121,7 +143,8 @@ def batch_tokens(
     (or packed) causal-LM batches, with batchSize auto and a varlen `attention` kernel
     (flash_attention_2, flex_attention: memory linear in tokens; SDPA materialises a
     tokens x tokens mask). The budget is `estimate` (the memory estimator's, when it gives
-    one) or AUTO_BATCH_TOKENS."""
+    one) or AUTO_BATCH_TOKENS; the runner then shrinks it to what fits
+    (`probe_batch_tokens`)."""
     wanted = run.training.batch_tokens
     if wanted != "auto":
         return wanted

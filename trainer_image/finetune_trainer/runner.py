@@ -489,19 +489,29 @@ def _load_model(run: RunConfig, ctx: RunContext, data: _Data) -> _Model:
         attention=getattr(model.config, "_attn_implementation", None),
         padding_free=padding_free(run, data_parallel(model)),
     )
+    if tokens is not None and run.training.batch_tokens == "auto" and not strategy.fsdp:
+        _to_gpu(model, ctx)
+        tokens = smallest(hyper.probe_batch_tokens(model, tokens, run.dataset.max_seq_length))
+        log.info("auto token budget: %d tokens per batch and worker", tokens)
     if tokens is not None:  # rows only size the evaluation batches and the logs
         batch_size = token_batches.mean_rows(data.prepared.train, tokens)
     if batch_size is None and strategy.fsdp:  # the unsharded model says nothing of a shard
         batch_size = min(hyper.CPU_AUTO_BATCH, len(data.prepared.train))
     if batch_size is None:
-        if device == "cuda" and next(model.parameters()).device.type != "cuda":
-            model.to(f"cuda:{ctx.rank.local_rank}")  # k-bit models are placed (refuse .to)
+        _to_gpu(model, ctx)
         start = min(hyper.GPU_AUTO_BATCH_START, len(data.prepared.train))
         batch_size = hyper.probe_batch_size(model, run.dataset.max_seq_length, start)
     batch_size = smallest(batch_size)  # what every GPU of the run can hold
     if hp.batch_size is None and tokens is None:
         log.info("auto batch size: %d per worker", batch_size)
     return _Model(model, params, hp, batch_size, device, strategy, tokens)
+
+
+def _to_gpu(model: Any, ctx: RunContext) -> None:
+    """Place the model on this worker's GPU before probing (k-bit models are placed already
+    and refuse .to)."""
+    if next(model.parameters()).device.type != "cuda":
+        model.to(f"cuda:{ctx.rank.local_rank}")
 
 
 def _strategy(run: RunConfig, ctx: RunContext, params: ParamCount, device: str) -> Strategy:
