@@ -27,7 +27,8 @@ case "$part" in
     # issue 14: ours as the benchmark ran it, ours with default batch/attention/token budget,
     # the plain recipe, the expert TRL recipe, and ours without the varlen kernel (sdpa)
     bench --model llama-3.1-8b --method lora --arms ours-defaults,trl-expert,ours,baseline,ours-sdpa \
-      --steps 10 --rounds 2 --warmup-steps 2 --out "$out/8b-lora.json"
+      --steps 10 --rounds 2 --warmup-steps 2 --profile ours,ours-defaults,trl-expert \
+      --out "$out/8b-lora.json"
     # the kernel alone: peak memory of attention over growing padding-free rows
     python3 "$here/attention_memory.py" --device cuda --lengths 2048,8192,32768 \
       --out "$out/attention-memory.json"
