@@ -182,3 +182,29 @@ def test_padding_free_gradients_equal_padded(tiny_model_dir: Path) -> None:
         _loss(model, batch).backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
+def test_the_document_mask_is_not_a_tokens_by_tokens_tensor() -> None:
+    """For one padding-free row, transformers gives SDPA a materialised (tokens x tokens)
+    boolean mask and FlexAttention a BlockMask of 128x128-token blocks: at 8k tokens the
+    latter is under 1 % of the former (the memory measurement is bench/attention_memory.py)."""
+    import torch
+    from transformers import LlamaConfig
+    from transformers.masking_utils import create_causal_mask
+
+    def mask_bytes(kernel: str, tokens: int) -> int:
+        config = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2)
+        config._attn_implementation = kernel
+        positions = (torch.arange(tokens) % 300).unsqueeze(0)  # documents of 300 tokens
+        mask = create_causal_mask(
+            config=config,
+            inputs_embeds=torch.zeros(1, tokens, 64),
+            attention_mask=None,
+            cache=None,
+            position_ids=positions,
+        )
+        tensors = [mask] if isinstance(mask, torch.Tensor) else mask.as_tuple()
+        return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+    assert mask_bytes("sdpa", 8192) == 8192 * 8192  # one bool per pair of tokens
+    assert mask_bytes("flex_attention", 8192) < mask_bytes("sdpa", 8192) / 100
