@@ -395,7 +395,7 @@ def trace_memory(proc: subprocess.Popen[bytes], trace: Path | None, when: str) -
         return
     taken = len(json.loads(trace.read_text())) if trace.exists() else 0
     proc.send_signal(signal.SIGUSR2)
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 1200  # a snapshot of a busy traced process takes minutes
     while time.monotonic() < deadline:
         time.sleep(1)
         try:

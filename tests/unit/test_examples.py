@@ -1,5 +1,6 @@
 """Every FineTuneJob in examples/*.yaml is valid three ways: the CRD's openAPIV3Schema
-(jsonschema), the pydantic model (parse_spec), and the CRD's CEL rules."""
+(jsonschema), the pydantic model (parse_spec), and the CRD's CEL rules; and the operator admits
+it under the default platform policy, or under the one its header asks for."""
 
 from __future__ import annotations
 
@@ -12,9 +13,13 @@ import jsonschema
 import pytest
 import yaml
 from cel_eval import root_schema, to_json_schema, validate_object
+from finetune_operator.admission import admit
 from finetune_operator.api import API_VERSION, KIND, parse_spec
+from finetune_operator.policy import Policy
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+# examples beyond the default platform policy: the policy they need, named in their header
+POLICY_NEEDED = {"fsdp-2nodes-8b.yaml": ("FINETUNE_MAX_GPUS_PER_JOB", "16")}
 
 
 def _jobs() -> list[tuple[str, dict[str, Any]]]:
@@ -120,3 +125,13 @@ def test_schema_rejects_a_broken_quickstart(
 def test_schema_requires_the_spec(validator: jsonschema.Draft202012Validator) -> None:
     obj = {k: v for k, v in dict(JOBS)["quickstart.yaml"].items() if k != "spec"}
     assert schema_errors(validator, obj) == [".: 'spec' is a required property"]
+
+
+@pytest.mark.parametrize(("name", "obj"), JOBS, ids=IDS)
+def test_example_is_admitted_by_the_platform_policy(name: str, obj: dict[str, Any]) -> None:
+    env = dict([POLICY_NEEDED[name]]) if name in POLICY_NEEDED else {}
+    assert admit(obj, Policy.from_env(env)) == []
+    if name in POLICY_NEEDED:
+        variable, value = POLICY_NEEDED[name]
+        assert admit(obj, Policy.from_env({})), f"{name} is within the default policy"
+        assert f"{variable}={value}" in (EXAMPLES / name).read_text(), "header must say so"
