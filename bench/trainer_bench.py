@@ -12,8 +12,15 @@ Arms, run alternately (A B A B ...) in one process so machine drift hits both al
   ``training_setup`` and ``build_trainer``, as ``runner.execute`` uses them) with
   its defaults, and the same LoRA shape (r=16, q/k/v/o), learning rate, schedule, batch size,
   seed, gradient checkpointing and number of optimizer steps.
+- ``trl-expert``: the best TRL recipe an expert would write: ``SFTTrainer`` with the LoRA as
+  ``peft_config``, ``padding_free=True``, ``use_liger_kernel=True`` (CUDA with liger-kernel),
+  bf16 (CUDA), flash_attention_2 when flash-attn is installed (TRL's advice for padding-free)
+  else sdpa, the same gradient checkpointing, batch, schedule and steps.
+- ``ours-defaults``: ours with ``batchSize: auto`` as a user leaves it: on CUDA the attention
+  and token budget ``auto`` choose (FlexAttention, ``batchTokens`` 16k), on CPU rows of 8.
 - ablations (``--arms``): ``ours-padded`` (padding-free off: pad to the longest in the batch),
-  ``ours-packed`` (BFD packing into max_length rows), ``ours-liger`` / ``ours-noliger``.
+  ``ours-packed`` (BFD packing into max_length rows), ``ours-liger`` / ``ours-noliger``,
+  ``ours-sdpa`` (``model.attention: sdpa``), ``ours-tokens`` (``batchTokens: --batch-tokens``).
 
 Each arm builds the same random-initialised model from a config (weights do not change
 throughput) and trains on the same seeded data with a long-tailed length distribution. After
@@ -28,6 +35,7 @@ import contextlib
 import gc
 import json
 import logging
+import math
 import os
 import platform
 import subprocess
@@ -82,8 +90,14 @@ def llama_config(shape: benchlib.ModelShape, max_len: int) -> Any:
     )
 
 
-def build_data(args: argparse.Namespace, shape: benchlib.ModelShape) -> dict[str, Any]:
-    n_train = args.steps * args.batch
+def build_data(
+    args: argparse.Namespace, shape: benchlib.ModelShape, budget: int = 0
+) -> dict[str, Any]:
+    """Seeded examples: enough for `steps` batches of `batch` rows, or of `budget` tokens
+    when a token-budget arm runs (it takes more examples per step)."""
+    mean_fill = benchlib.fill_ratio(benchlib.sample_lengths(4096, args.seq, 0), args.seq)
+    rows_per_budget = math.ceil(budget / (mean_fill * args.seq))
+    n_train = args.steps * max(args.batch, 2 * rows_per_budget)
     lengths = benchlib.sample_lengths(n_train + args.eval_examples, args.seq, args.seed)
     ids, masks = benchlib.markov_examples(lengths, shape.vocab, args.seed)
     for seq in ids:  # end of example, as the data pipeline does (inside max_len)
@@ -111,7 +125,7 @@ def save_random_model(config: Any, out: Path, seed: int, dtype: Any) -> None:
     free_memory()
 
 
-def random_model(config: Any, seed: int, dtype: Any, attn: str, device: str) -> Any:
+def random_model(config: Any, seed: int, dtype: Any, attn: str | None, device: str) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -248,7 +262,7 @@ def arm_ours(ctx: dict[str, Any], overrides: dict[str, Any]) -> tuple[Any, Any]:
     `runner.training_setup` (precision, load dtype, checkpointing, method) and
     `runner.build_trainer` (TrainingArguments, TRL SFTTrainer)."""
     from datasets import Dataset
-    from finetune_trainer import runner
+    from finetune_trainer import hyper, runner, token_batches
     from finetune_trainer.models import LocalModel, attention_implementation, load_model
 
     args = ctx["args"]
@@ -263,7 +277,7 @@ def arm_ours(ctx: dict[str, Any], overrides: dict[str, Any]) -> tuple[Any, Any]:
         if run.method.quantization is not None:
             model = load_model(LocalModel(ctx["model_dir"]), run, dtype=dtype)
         else:
-            attn = attention_implementation(run.model)
+            attn = attention_implementation(run, device)
             model = random_model(ctx["config"], args.seed, dtype, attn, device)
         transformers.set_seed(args.seed)  # the adapter starts as the baseline's does
         return model
@@ -273,9 +287,110 @@ def arm_ours(ctx: dict[str, Any], overrides: dict[str, Any]) -> tuple[Any, Any]:
         {"input_ids": ctx["data"]["train_ids"], "completion_mask": ctx["data"]["train_masks"]}
     )
     prepared = SimpleNamespace(train=train, eval=None)
+    # as runner._load_model settles the batch: a token budget, else rows
+    tokens = hyper.batch_tokens(
+        run,
+        device,
+        attention=getattr(model.config, "_attn_implementation", None),
+        padding_free=runner.padding_free(run),
+    )
+    rows = hp.batch_size or args.batch
+    if tokens is not None:
+        rows = token_batches.mean_rows(train, tokens)
     timer = step_timer(device)
     trainer = runner.build_trainer(
-        run, model, ctx["tokenizer"], prepared, hp, args.batch, ctx["tmp"] / "ours", device, [timer]
+        run,
+        model,
+        ctx["tokenizer"],
+        prepared,
+        hp,
+        rows,
+        ctx["tmp"] / "ours",
+        device,
+        [timer],
+        batch_tokens=tokens,
+    )
+    return trainer, timer
+
+
+def arm_trl_expert(ctx: dict[str, Any], overrides: dict[str, Any]) -> tuple[Any, Any]:
+    """The TRL recipe an expert writes: SFTTrainer + peft_config, padding-free batches, Liger
+    kernels (CUDA), bf16, flash-attention when installed."""
+    import importlib.util
+
+    import torch
+    import transformers
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    args = ctx["args"]
+    device = ctx["device"]
+    cuda = device == "cuda"
+    flash = cuda and importlib.util.find_spec("flash_attn") is not None
+    liger = cuda and importlib.util.find_spec("liger_kernel") is not None
+    attn = "flash_attention_2" if flash else "sdpa"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    if args.method == "qlora":  # the usual nf4 recipe; SFTTrainer prepares the k-bit model
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        bnb = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+        model = AutoModelForCausalLM.from_pretrained(
+            ctx["model_dir"],
+            quantization_config=bnb,
+            dtype=dtype,
+            device_map={"": 0},
+            attn_implementation=attn,
+        )
+    else:
+        model = random_model(ctx["config"], args.seed, dtype, attn, device)
+    transformers.set_seed(args.seed)
+    peft_config = None
+    if args.method != "full":
+        peft_config = LoraConfig(
+            r=16,
+            lora_alpha=32,
+            lora_dropout=0.05,
+            target_modules=LORA_MODULES,
+            task_type="CAUSAL_LM",
+        )
+    config = SFTConfig(
+        output_dir=str(ctx["tmp"] / "trl-expert"),
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch,
+        learning_rate=args.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.1,
+        seed=args.seed,
+        bf16=cuda,
+        use_cpu=not cuda,
+        gradient_checkpointing=ctx["gradient_checkpointing"],
+        padding_free=True,
+        use_liger_kernel=liger,
+        max_length=None,  # the data is already within max_length
+        completion_only_loss=True,
+        logging_steps=1000,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        include_num_input_tokens_seen="non_padding",
+    )
+    train = Dataset.from_dict(
+        {"input_ids": ctx["data"]["train_ids"], "completion_mask": ctx["data"]["train_masks"]}
+    )
+    timer = step_timer(device)
+    trainer = SFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=train,
+        processing_class=ctx["tokenizer"],
+        peft_config=peft_config,
+        callbacks=[timer],
     )
     return trainer, timer
 
@@ -359,14 +474,77 @@ def arm_baseline(ctx: dict[str, Any], overrides: dict[str, Any]) -> tuple[Any, A
     return trainer, timer
 
 
-ARMS: dict[str, tuple[Any, dict[str, Any]]] = {
+# name: (builder, RunConfig overrides for ours, or a function of the command line giving them)
+ARMS: dict[str, tuple[Any, Any]] = {
     "baseline": (arm_baseline, {}),
+    "trl-expert": (arm_trl_expert, {}),
     "ours": (arm_ours, {}),
+    "ours-defaults": (arm_ours, {"training": {"batchSize": "auto"}}),
+    "ours-tokens": (
+        arm_ours,
+        lambda a: {"training": {"batchSize": "auto", "batchTokens": a.batch_tokens}},
+    ),
+    "ours-sdpa": (arm_ours, {"model": {"attention": "sdpa"}}),
     "ours-padded": (arm_ours, {"dataset": {"paddingFree": False}}),
     "ours-packed": (arm_ours, {"dataset": {"packing": True}}),
     "ours-liger": (arm_ours, {"training": {"ligerKernel": True}}),
     "ours-noliger": (arm_ours, {"training": {"ligerKernel": False}}),
 }
+
+
+# Where a step's time goes: profiler op names (substrings) by kind of work, first match wins.
+OP_KINDS = (
+    ("loss / LM head", ("cross_entropy", "log_softmax", "nll_loss", "logsumexp", "logprob")),
+    ("dropout", ("bernoulli", "dropout")),
+    ("attention", ("attention", "flex", "sdpa", "softmax")),
+    ("attention mask", ("mask", "vmap", "cumsum", "diff")),
+    ("matmul", ("mm", "matmul", "linear", "addmm", "baddbmm")),
+    ("optimizer", ("adam", "_foreach", "optimizer")),
+    ("norm / rope / activation", ("rms", "pow", "rsqrt", "silu", "sigmoid", "cos", "sin")),
+)
+
+
+def profile_arm(name: str, ctx: dict[str, Any], steps: int = 3) -> dict[str, Any]:
+    """Run `name` for `steps` optimizer steps under torch.profiler; the share of self device
+    time (CUDA) or self CPU time by kind of op (OP_KINDS), and the top ops."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    args = ctx["args"]
+    device = ctx["device"]
+    timed_steps, args.steps = args.steps, steps
+    build, overrides = ARMS[name]
+    if callable(overrides):
+        overrides = overrides(args)
+    try:
+        trainer, _ = build(ctx, overrides)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+        with profile(activities=activities) as prof:
+            trainer.train()
+            if device == "cuda":
+                torch.cuda.synchronize()
+    finally:
+        args.steps = timed_steps
+    field = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+    ops = [(e.key, float(getattr(e, field))) for e in prof.key_averages()]
+    ops = [(k, t) for k, t in ops if t > 0 and not k.startswith(("ProfilerStep", "Optimizer."))]
+    total = sum(t for _, t in ops) or 1.0
+    kinds: dict[str, float] = {}
+    for key, t in ops:
+        low = key.lower()
+        kind = next((k for k, subs in OP_KINDS if any(x in low for x in subs)), "other")
+        kinds[kind] = kinds.get(kind, 0.0) + t / total
+    top = sorted(ops, key=lambda kt: -kt[1])[:15]
+    del trainer
+    free_memory()
+    return {
+        "arm": name,
+        "steps": steps,
+        "time": field,
+        "total_s": total / 1e6,
+        "share_by_kind": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
+        "top_ops": [{"op": k, "share": t / total} for k, t in top],
+    }
 
 
 def run_arm(name: str, ctx: dict[str, Any]) -> dict[str, Any]:
@@ -375,6 +553,8 @@ def run_arm(name: str, ctx: dict[str, Any]) -> dict[str, Any]:
     device = ctx["device"]
     args = ctx["args"]
     build, overrides = ARMS[name]
+    if callable(overrides):  # settings that come from the command line
+        overrides = overrides(args)
     free_memory()
     before = reset_peak(device)
     started = time.perf_counter()
@@ -514,6 +694,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq", type=int, help="max length (default 512 cpu, 2048 cuda)")
     p.add_argument("--batch", type=int, help="per-device batch (default 8 cpu, 8 cuda)")
     p.add_argument("--steps", type=int, help="optimizer steps per run (default 8 cpu, 16 cuda)")
+    p.add_argument(
+        "--batch-tokens", type=int, help="ours-tokens' budget (default 16384 cuda, 2048 cpu)"
+    )
     p.add_argument("--warmup", type=int, default=2, help="steps left out of the timing")
     p.add_argument("--rounds", type=int, default=2, help="A/B alternations")
     p.add_argument(
@@ -526,12 +709,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--out", type=Path, help="write results as JSON here")
+    p.add_argument(
+        "--profile", default="", help="comma list of arms to run once more under torch.profiler"
+    )
     args = p.parse_args(argv)
     cuda = args.device == "cuda"
     args.model = args.model or ("llama-3.2-1b" if cuda else "small")
     args.seq = args.seq or (2048 if cuda else 512)
     args.batch = args.batch or 8
     args.steps = args.steps or (16 if cuda else 8)
+    args.batch_tokens = args.batch_tokens or (16_384 if cuda else 2048)
     args.lr = args.lr or (1e-4 if args.method == "full" else 1e-3)
     if args.gradient_checkpointing != "auto":
         args.gradient_checkpointing = args.gradient_checkpointing == "true"
@@ -560,7 +747,8 @@ def main(argv: list[str] | None = None) -> int:
 
     shape = benchlib.SHAPES[args.model]
     tmp = Path(tempfile.mkdtemp(prefix="ftbench-"))
-    data = build_data(args, shape)
+    budget = args.batch_tokens if {"ours-tokens", "ours-defaults"} & set(arms) else 0
+    data = build_data(args, shape, budget)
     config = llama_config(shape, args.seq)
     hp_run = run_config(args, {})
     planned = runner.plan_training(hp_run, config, data["lengths"], args.device)
@@ -614,6 +802,12 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(shown), flush=True)
     summary = summarize(results, arms)
     print_table(summary, args.device)
+    profiles = [profile_arm(a.strip(), ctx) for a in args.profile.split(",") if a.strip()]
+    for prof in profiles:
+        shares = ", ".join(f"{k} {v:.0%}" for k, v in prof["share_by_kind"].items())
+        print(f"\nprofile {prof['arm']} ({prof['steps']} steps, {prof['time']}): {shares}")
+        for op in prof["top_ops"][:8]:
+            print(f"  {op['share']:6.1%}  {op['op']}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         doc = {
@@ -628,6 +822,7 @@ def main(argv: list[str] | None = None) -> int:
             "gradient_checkpointing": hp.gradient_checkpointing,
             "results": results,
             "summary": summary,
+            "profiles": profiles,
         }
         args.out.write_text(json.dumps(doc, indent=1))
     return 0

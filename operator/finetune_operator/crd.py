@@ -97,6 +97,9 @@ _WANDB = "has(self.tracking) && has(self.tracking.wandb)"
 _WANDB_ONLINE = (
     f"{_WANDB} && (!has(self.tracking.wandb.mode) || self.tracking.wandb.mode == 'online')"
 )
+_TOKEN_BATCHES = (
+    "has(self.training) && has(self.training.batchTokens) && type(self.training.batchTokens) == int"
+)
 _NODES = "(has(self.resources) && has(self.resources.nodes) ? self.resources.nodes : 1)"
 _GPUS = "(has(self.resources) && has(self.resources.gpus) ? self.resources.gpus : 1)"
 
@@ -258,6 +261,24 @@ SPEC_RULES: dict[tuple[str, ...], list[dict[str, str]]] = {
             ".secrets.wandb",
         ),
         _rule(
+            f"!({_PREFERENCE}) || !({_TOKEN_BATCHES})",
+            "spec.training.batchTokens: not used by objectives dpo and orpo (their batches are "
+            "pairs); use batchSize",
+            ".training.batchTokens",
+        ),
+        _rule(
+            f"!({_TOKEN_BATCHES}) || !has(self.task) || self.task == 'causal-lm'",
+            "spec.training.batchTokens: only for task causal-lm; use batchSize for "
+            "sequence-classification",
+            ".training.batchTokens",
+        ),
+        _rule(
+            f"!({_TOKEN_BATCHES}) || !({_VIRTUAL_TOKENS})",
+            "spec.training.batchTokens: prefix and prompt tuning train padded rows (their "
+            "virtual tokens are per row); use batchSize",
+            ".training.batchTokens",
+        ),
+        _rule(
             "['pvc://', 's3://', 'gs://', 'gcs://', 'az://', 'abfs://', 'hf://']"
             ".exists(p, self.output.uri.startsWith(p))",
             "spec.output.uri: a cluster run needs durable storage: pvc://, s3:// or hf://",
@@ -304,6 +325,13 @@ SPEC_RULES: dict[tuple[str, ...], list[dict[str, str]]] = {
             "!has(self.orpo) || (has(self.objective) && self.objective == 'orpo')",
             "spec.training.orpo: only used by objective orpo",
             ".orpo",
+        ),
+        _rule(
+            "!has(self.batchTokens) || type(self.batchTokens) != int || "
+            "!has(self.batchSize) || type(self.batchSize) != int",
+            "spec.training.batchTokens: set batchSize or batchTokens, not both (a token budget "
+            "sizes the batch; leave batchSize auto)",
+            ".batchTokens",
         ),
     ],
     ("training", "dpo"): [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import math
 import sys
 from pathlib import Path
@@ -110,3 +111,37 @@ def test_padding_free_batches_give_the_padded_loss(tiny_model_dir: Path) -> None
         with torch.no_grad():
             losses.append(float(model(**batch, use_cache=False).loss))
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_attention_memory_rows_and_growth() -> None:
+    attention_memory = _load("attention_memory")
+    ids, positions = attention_memory._row(3000, seed=1)
+    assert len(ids) == len(positions) == 3000
+    starts = [i for i, p in enumerate(positions) if p == 0]
+    assert starts[0] == 0 and len(starts) > 3  # several documents, positions restart in each
+    assert all(b - a <= 2048 for a, b in itertools.pairwise(starts))
+    linear = attention_memory.growth({"1000": 10, "2000": 20, "4000": 40})
+    quadratic = attention_memory.growth({"1000": 10, "2000": 40, "4000": 160})
+    assert linear["exponent"] == pytest.approx(1.0) and linear["4000/2000"] == 2.0
+    assert quadratic["exponent"] == pytest.approx(2.0)
+
+
+def test_trainer_bench_runs_every_cpu_arm_on_the_tiny_shape(tmp_path: Path) -> None:
+    """A smoke run of bench/trainer_bench.py on CPU: each arm (our path, our defaults and a
+    token budget, the plain recipe and the expert TRL recipe) trains and is evaluated."""
+    import json
+
+    trainer_bench = _load("trainer_bench")
+    out = tmp_path / "bench.json"
+    arms = ["ours", "ours-defaults", "ours-tokens", "baseline", "trl-expert"]
+    argv = ["--device", "cpu", "--model", "tiny", "--seq", "64", "--batch", "4", "--steps", "3"]
+    argv += ["--rounds", "1", "--warmup-steps", "0", "--warmup", "1", "--eval-examples", "4"]
+    argv += ["--batch-tokens", "256", "--arms", ",".join(arms), "--out", str(out)]
+    assert trainer_bench.main(argv) == 0
+    summary = json.loads(out.read_text())["summary"]
+    assert list(summary) == arms
+    for arm in arms:
+        assert "error" not in summary[arm], (arm, summary[arm])
+        assert summary[arm]["tokens_per_s"] > 0 and math.isfinite(summary[arm]["eval_loss"])
+    # the token budget packs more examples into a step than 4 rows of this data
+    assert summary["ours-tokens"]["real_tokens_per_step"] > summary["ours"]["real_tokens_per_step"]

@@ -521,6 +521,45 @@ CASES: list[tuple[str, str, str, dict[str, Any], dict[str, Any]]] = [
         ),
         spec_with(training={"objective": "dpo", "dpo": {"lossType": "ipo", "labelSmoothing": 0.1}}),
     ),
+    (
+        "batch-tokens-not-for-preference",
+        "batchTokens: not used by objectives dpo and orpo",
+        ".spec.training.batchTokens",
+        spec_with(training={"objective": "dpo", "batchTokens": "auto"}),
+        spec_with(training={"objective": "dpo", "batchTokens": 4096}),
+    ),
+    (
+        "batch-tokens-or-rows",
+        "batchTokens: set batchSize or batchTokens, not both",
+        ".spec.training.batchTokens",
+        spec_with(training={"batchTokens": 16384, "batchSize": "auto"}),
+        spec_with(training={"batchTokens": 16384, "batchSize": 8}),
+    ),
+    (
+        "batch-tokens-causal-lm",
+        "batchTokens: only for task causal-lm",
+        ".spec.training.batchTokens",
+        spec_with(task="causal-lm", training={"batchTokens": 4096}),
+        spec_with(
+            task="sequence-classification",
+            dataset={"source": "s3://b/imdb", "format": "classification"},
+            training={"batchTokens": 4096},
+        ),
+    ),
+    (
+        "batch-tokens-virtual-tokens",
+        "batchTokens: prefix and prompt tuning train padded rows",
+        ".spec.training.batchTokens",
+        spec_with(method={"type": "prompt"}, training={"batchTokens": "auto"}),
+        spec_with(method={"type": "prompt"}, training={"batchTokens": 4096}),
+    ),
+    (
+        "batch-tokens-range",
+        "must be an integer in [64, 4194304] or 'auto'",
+        ".spec.training.batchTokens",
+        spec_with(training={"batchTokens": 64}),
+        spec_with(training={"batchTokens": 32}),
+    ),
 ]
 CASE_IDS = [c[0] for c in CASES]
 

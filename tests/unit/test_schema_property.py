@@ -217,7 +217,7 @@ model_section = st.builds(
         revision=st.sampled_from(["main", "v1.0", "abc123"]),
         trustRemoteCode=st.booleans(),
         dtype=st.sampled_from(["auto", "bfloat16", "float16", "float32"]),
-        attention=st.sampled_from(["auto", "sdpa", "eager", "flash_attention_2"]),
+        attention=st.sampled_from(["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"]),
     ),
 )
 output_section = st.builds(
@@ -276,6 +276,36 @@ def crd_problems(spec: dict[str, Any]) -> list[str]:
     ]
     problems += [f"{v.path}: {v.message} {v.error or ''}" for v in validate_object(obj)]
     return problems
+
+
+@SETTINGS
+@given(
+    task=st.sampled_from(["causal-lm", "sequence-classification"]),
+    method=st.sampled_from(["lora", "prefix", "prompt", "full"]),
+    batch_size=st.one_of(st.just("auto"), ints(1, 4096)),
+    batch_tokens=st.one_of(st.just("auto"), ints(64, 4_194_304)),
+    padding_free=st.sampled_from([True, False, "auto"]),
+    packing=st.booleans(),
+)
+def test_token_batches_the_model_accepts_the_crd_accepts(
+    task: str, method: str, batch_size: Any, batch_tokens: Any, padding_free: Any, packing: bool
+) -> None:
+    """training.batchTokens' rules (pydantic and CEL) on the fields they involve."""
+    spec = {
+        "model": {"source": "hf://Qwen/Qwen2.5-0.5B"},
+        "dataset": {
+            "source": "s3://b/d.jsonl",
+            "format": "classification" if task == "sequence-classification" else "auto",
+            "paddingFree": padding_free,
+            "packing": packing,
+        },
+        "task": task,
+        "method": {"type": method},
+        "training": {"batchSize": batch_size, "batchTokens": batch_tokens},
+        "output": {"uri": "pvc://outputs/run1"},
+    }
+    assume(_accepted(spec))
+    assert crd_problems(spec) == []
 
 
 @SETTINGS

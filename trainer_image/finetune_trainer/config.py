@@ -82,9 +82,12 @@ class ModelSpec(SpecModel):
         default="auto",
         description="Weight dtype when loading; auto follows training.precision.",
     )
-    attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+    attention: Literal["auto", "flash_attention_2", "flex_attention", "sdpa", "eager"] = Field(
         default="auto",
-        description="Attention kernel; auto uses flash_attention_2 when installed, else sdpa.",
+        description="Attention kernel. auto: flash_attention_2 when flash-attn is installed on "
+        "CUDA, else flex_attention on CUDA (a document mask: memory linear in tokens for "
+        "padding-free and packed batches), else the model's default (sdpa, or eager where "
+        "the model has no sdpa). flex_attention trains on CUDA only.",
     )
 
 
@@ -458,6 +461,14 @@ class TrainingSpec(SpecModel):
     batch_size: Annotated[int, Field(ge=1, le=4096)] | Auto = Field(
         default="auto", description="Per-device batch size, or auto (largest that fits)."
     )
+    batch_tokens: Annotated[int, Field(ge=64, le=4_194_304)] | Auto | None = Field(
+        default="auto",
+        description="Size each device batch by tokens instead of rows: examples are grouped "
+        "so a batch holds at most this many tokens (a longer example goes alone); for "
+        "padding-free or packed causal-LM batches, instead of batchSize. auto: on GPU with a "
+        "variable-length attention kernel and batchSize auto, a budget from the memory "
+        "estimate (docs/training.md); otherwise rows of batchSize.",
+    )
     gradient_accumulation_steps: int = Field(default=1, ge=1, le=1024)
     warmup_ratio: float = Field(default=0.03, ge=0.0, le=0.5)
     scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
@@ -471,8 +482,8 @@ class TrainingSpec(SpecModel):
     )
     liger_kernel: bool | Auto = Field(
         default="auto",
-        description="Liger Triton kernels (RMSNorm, RoPE, SwiGLU); auto: on with CUDA when "
-        "liger-kernel is installed.",
+        description="Liger Triton kernels (RMSNorm, RoPE, SwiGLU; CUDA only); auto: on with "
+        "CUDA when liger-kernel is installed (the trainer image has it).",
     )
     seed: int = Field(default=42, ge=0, le=2**31 - 1)
     logging_steps: int = Field(default=10, ge=1, le=100_000)
@@ -505,6 +516,15 @@ class TrainingSpec(SpecModel):
             self.dpo = DpoSpec()
         if self.objective == "orpo" and self.orpo is None:
             self.orpo = OrpoSpec()
+        return self
+
+    @model_validator(mode="after")
+    def _batch_by_rows_or_tokens(self) -> TrainingSpec:
+        if isinstance(self.batch_tokens, int) and isinstance(self.batch_size, int):
+            raise ValueError(
+                "batchTokens: set batchSize or batchTokens, not both (a token budget sizes "
+                "the batch; leave batchSize auto)"
+            )
         return self
 
     @model_validator(mode="after")
@@ -707,6 +727,7 @@ class RunConfig(SpecModel):
             )
         if self.dataset.mix is not None and self.task != "causal-lm":
             raise ValueError("dataset.mix: only for task causal-lm")
+        self._check_batch_tokens()
         if self.dataset.padding_free is True and self.method.type in ("prefix", "prompt"):
             raise ValueError(
                 f"dataset.paddingFree: {self.method.type} tuning prepends virtual tokens to "
@@ -764,10 +785,35 @@ class RunConfig(SpecModel):
                 f"method.type: {self.method.type} tuning is not supported with objective "
                 f"{objective}; use lora, dora, qlora, ia3 or full"
             )
+        if isinstance(self.training.batch_tokens, int):
+            raise ValueError(
+                f"training.batchTokens: not used by objective {objective} (its batches are "
+                "pairs); use batchSize"
+            )
         if self.training.distributed.strategy == "fsdp":
             raise ValueError(
                 f"training.distributed.strategy: objective {objective} is not sharded by FSDP "
                 "here; use ddp"
+            )
+
+    def _check_batch_tokens(self) -> None:
+        """A token budget groups examples into padding-free (or packed) causal-LM batches."""
+        if not isinstance(self.training.batch_tokens, int):
+            return
+        if self.task != "causal-lm":
+            raise ValueError(
+                "training.batchTokens: only for task causal-lm; use batchSize for "
+                "sequence-classification"
+            )
+        if self.method.type in VIRTUAL_TOKEN_METHODS:
+            raise ValueError(
+                f"training.batchTokens: {self.method.type} tuning trains padded rows (its "
+                "virtual tokens are per row); use batchSize"
+            )
+        if self.dataset.padding_free is False and not self.dataset.packing:
+            raise ValueError(
+                "training.batchTokens: needs padding-free batches (a budget of padded rows "
+                "would count padding); set dataset.paddingFree to auto or true, or use batchSize"
             )
 
     def _check_fsdp(self) -> None:

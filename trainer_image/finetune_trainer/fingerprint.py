@@ -24,6 +24,7 @@ FILE = "fingerprint.json"
 TRAINING_FIELDS = (
     "learningRate",
     "batchSize",
+    "batchTokens",
     "gradientAccumulationSteps",
     "warmupRatio",
     "scheduler",
@@ -127,6 +128,8 @@ def of_run(run: RunConfig, prepared: Any) -> Fingerprint:
     training = run.training.model_dump(by_alias=True, mode="json")
     for key in TRAINING_FIELDS:
         _flatten(f"training.{key}", training[key], fields)
+    if fields["training.batchTokens"] == "auto":  # as outputs written before it existed
+        del fields["training.batchTokens"]
     if run.training.early_stopping is not None:  # patience counts evaluations
         fields["training.evalSteps"] = training["evalSteps"]
     if run.preference:  # absent for sft, so runs written before objectives existed still match

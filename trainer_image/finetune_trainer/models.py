@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from finetune_trainer import storage
-from finetune_trainer.config import ModelSpec, RunConfig
+from finetune_trainer.config import VIRTUAL_TOKEN_METHODS, ModelSpec, RunConfig
 from finetune_trainer.distributed import Rank
 from finetune_trainer.errors import InvalidInputError, TransientError, classify, first_line
 from finetune_trainer.progress import ENV_HF_TOKEN
@@ -139,17 +139,43 @@ def torch_dtype(name: str) -> torch.dtype:
     }[name]
 
 
-def attention_implementation(spec: ModelSpec) -> str:
-    """flash_attention_2 where installed on CUDA, else sdpa (or what the spec says)."""
-    if spec.attention != "auto":
-        return spec.attention
+#: Kernels that attend within each sequence of a padding-free or packed row without a
+#: materialised (tokens x tokens) mask: memory linear in tokens.
+VARLEN_ATTENTION = ("flash_attention_2", "flex_attention")
+
+
+def attention_implementation(run: RunConfig, device: str) -> str | None:
+    """The `attn_implementation` to load the model with; None leaves it to transformers (sdpa,
+    or eager for models without sdpa). auto, in order: flash_attention_2 when flash-attn is
+    installed on CUDA; flex_attention on CUDA when torch has FlexAttention (not for prefix or
+    prompt tuning, whose virtual tokens reach attention as a key/value cache); else None.
+    Raises ModelLoadError for a kernel this machine cannot train with."""
     import importlib.util
 
-    import torch
-
-    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+    wanted = run.model.attention
+    if wanted == "flash_attention_2" and (
+        device != "cuda" or importlib.util.find_spec("flash_attn") is None
+    ):
+        raise ModelLoadError(
+            "model.attention: flash_attention_2 needs a CUDA GPU and the flash-attn package; "
+            "use auto (flex_attention or sdpa)"
+        )
+    if wanted == "flex_attention" and device != "cuda":
+        raise ModelLoadError(
+            "model.attention: flex_attention trains on CUDA only (PyTorch has no FlexAttention "
+            "backward on CPU); use auto or sdpa"
+        )
+    if wanted != "auto":
+        return wanted
+    if device != "cuda":
+        return None
+    if importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
-    return "sdpa"
+    from transformers.utils import is_torch_flex_attn_available
+
+    if is_torch_flex_attn_available() and run.method.type not in VIRTUAL_TOKEN_METHODS:
+        return "flex_attention"
+    return None
 
 
 def _quantization_config(run: RunConfig, compute: torch.dtype) -> Any:
@@ -193,14 +219,12 @@ def load_model(
     label_names: list[str] | None = None,
 ) -> Any:
     """Load the base model for the run's task, k-bit quantized when the method asks for it."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     spec = run.model
-    kwargs: dict[str, Any] = {
-        "trust_remote_code": spec.trust_remote_code,
-        "dtype": dtype,
-        "attn_implementation": attention_implementation(spec),
-    }
+    attention = attention_implementation(run, "cuda" if torch.cuda.is_available() else "cpu")
+    kwargs: dict[str, Any] = {"trust_remote_code": spec.trust_remote_code, "dtype": dtype}
     if run.task == "sequence-classification":
         auto_class: Any = AutoModelForSequenceClassification
         assert label_names, "sequence-classification needs label names"
@@ -223,10 +247,10 @@ def load_model(
             kwargs["device_map"] = {"": Rank.from_env().local_rank}  # one GPU per worker
     if local.gguf_file:
         kwargs["gguf_file"] = local.gguf_file
-    log.info("loading %s (%s)", local.description, auto_class.__name__)
+    log.info("loading %s (%s, attention %s)", local.description, auto_class.__name__, attention)
     try:
         with _library_load_report_hidden():
-            model, info = auto_class.from_pretrained(local.path, output_loading_info=True, **kwargs)
+            model, info = _from_pretrained(auto_class, local.path, attention, spec, kwargs)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(
             f"model.source: cannot load {local.description}: {first_line(exc)}"
@@ -238,6 +262,24 @@ def load_model(
     if run.task == "sequence-classification" and model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id
     return model
+
+
+def _from_pretrained(
+    auto_class: Any, path: Path, attention: str | None, spec: ModelSpec, kwargs: dict[str, Any]
+) -> tuple[Any, dict[str, Any]]:
+    """from_pretrained with `attention`; a kernel that auto chose and the architecture does
+    not support falls back to the model's default (transformers' ValueError names it)."""
+    try:
+        return auto_class.from_pretrained(  # type: ignore[no-any-return]
+            path, output_loading_info=True, attn_implementation=attention, **kwargs
+        )
+    except ValueError as exc:
+        if spec.attention != "auto" or attention is None or attention not in str(exc):
+            raise
+        log.info("%s: not supported by this architecture; using its default attention", attention)
+        return auto_class.from_pretrained(  # type: ignore[no-any-return]
+            path, output_loading_info=True, **kwargs
+        )
 
 
 def kbit_device_error(run: RunConfig) -> str | None:

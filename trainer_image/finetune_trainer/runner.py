@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from finetune_trainer import fingerprint, hyper, storage
+from finetune_trainer import fingerprint, hyper, storage, token_batches
 from finetune_trainer.callbacks import PreemptionFlag, RunCallback, StopRequestedError
 from finetune_trainer.checkpoints import BestMetric, CheckpointStore
 from finetune_trainer.config import ConfigError, RunConfig
@@ -143,7 +143,8 @@ def padding_free(
     under `data_parallel` (torch DataParallel splits a batch by rows: one row would all land
     on the first GPU) and at `batch_size` 1 (a lone example has no padding to remove). Packing
     implies it. The attention layers see the sequence boundaries through position_ids
-    (flash-attention varlen, or SDPA/eager with a block-diagonal mask)."""
+    (flash-attention varlen, FlexAttention's document mask, or SDPA/eager with a materialised
+    block-diagonal mask)."""
     if run.task != "causal-lm":
         return False
     if run.dataset.packing:
@@ -165,11 +166,24 @@ def data_parallel(model: Any) -> bool:
 
 
 def use_liger(run: RunConfig, device: str) -> bool:
-    """Liger kernels: auto means on with CUDA when liger-kernel is installed."""
-    if run.training.liger_kernel == "auto":
-        import importlib.util
+    """Liger's Triton kernels (RMSNorm, RoPE, SwiGLU; TRL keeps its own chunked LM-head loss,
+    which already avoids full logits, instead of Liger's fused linear cross-entropy). auto: on
+    with CUDA when liger-kernel is installed (the gpu extra); true where it cannot run is the
+    user's error."""
+    import importlib.util
 
-        return device == "cuda" and importlib.util.find_spec("liger_kernel") is not None
+    installed = importlib.util.find_spec("liger_kernel") is not None
+    if run.training.liger_kernel == "auto":
+        return device == "cuda" and installed
+    if run.training.liger_kernel and device != "cuda":
+        raise InvalidInputError(
+            "training.ligerKernel: Liger's Triton kernels need a CUDA GPU; set it to auto or false"
+        )
+    if run.training.liger_kernel and not installed:
+        raise InvalidInputError(
+            "training.ligerKernel: liger-kernel is not installed in this image (pip install "
+            "'finetune[gpu]'); set it to auto or false"
+        )
     return bool(run.training.liger_kernel)
 
 
@@ -241,7 +255,11 @@ def _build_trainer(
     prepared: Any,
     args: dict[str, Any],
     callbacks: list[Any],
+    batch_tokens: int | None = None,
 ) -> Any:
+    """The Trainer of the run: TRL's SFTTrainer for causal LM (batches of `batch_tokens`
+    tokens when set, else rows), TRL's DPO/ORPO trainers for a preference
+    objective, transformers' Trainer for classification."""
     if run.preference:
         from finetune_trainer import preference
 
@@ -267,7 +285,8 @@ def _build_trainer(
     from trl import SFTConfig, SFTTrainer
 
     parallel = data_parallel(model)
-    flat = padding_free(run, parallel, args["per_device_train_batch_size"])
+    rows = None if batch_tokens else args["per_device_train_batch_size"]
+    flat = padding_free(run, parallel, rows)
     if flat and parallel:
         log.warning(
             "dataset.paddingFree: true with several GPUs in one process: DataParallel cannot "
@@ -283,7 +302,11 @@ def _build_trainer(
         completion_only_loss=True,
         dataset_num_proc=None,
     )
-    return SFTTrainer(
+    trainer_class: Any = SFTTrainer
+    if batch_tokens:
+        trainer_class = token_batches.with_token_batches(SFTTrainer)
+        log.info("batches of at most %d tokens (training.batchTokens)", batch_tokens)
+    trainer = trainer_class(
         model=model,
         args=config,
         train_dataset=prepared.train,
@@ -291,6 +314,8 @@ def _build_trainer(
         processing_class=tokenizer,
         callbacks=callbacks,
     )
+    trainer.batch_tokens = batch_tokens
+    return trainer
 
 
 def restore_finished(trainer: Any, checkpoint: Path) -> bool:
@@ -469,6 +494,7 @@ class _Model:
     batch_size: int
     device: str
     strategy: Strategy
+    batch_tokens: int | None = None  # tokens per device batch, instead of batch_size rows
 
 
 def _load_data(run: RunConfig, ctx: RunContext, out: Path) -> _Data:
@@ -617,17 +643,35 @@ def _load_model(run: RunConfig, ctx: RunContext, data: _Data) -> _Model:
     log.info("%s", params)
     strategy = _strategy(run, ctx, params, device)
     batch_size = hp.batch_size
+    tokens = hyper.batch_tokens(
+        run,
+        device,
+        attention=getattr(model.config, "_attn_implementation", None),
+        padding_free=padding_free(run, data_parallel(model)),
+    )
+    if tokens is not None and run.training.batch_tokens == "auto" and not strategy.fsdp:
+        _to_gpu(model, ctx)
+        tokens = smallest(hyper.probe_batch_tokens(model, tokens, run.dataset.max_seq_length))
+        log.info("auto token budget: %d tokens per batch and worker", tokens)
+    if tokens is not None:  # rows only size the evaluation batches and the logs
+        batch_size = token_batches.mean_rows(data.prepared.train, tokens)
     if batch_size is None and strategy.fsdp:  # the unsharded model says nothing of a shard
         batch_size = min(hyper.CPU_AUTO_BATCH, len(data.prepared.train))
     if batch_size is None:
-        if device == "cuda" and next(model.parameters()).device.type != "cuda":
-            model.to(f"cuda:{ctx.rank.local_rank}")  # k-bit models are placed (refuse .to)
+        _to_gpu(model, ctx)
         batch_size = hyper.probe_batch_size(model, run.dataset.max_seq_length, hp.probe_start)
         batch_size = hyper.pairs_per_batch(run, batch_size)
     batch_size = smallest(batch_size)  # what every GPU of the run can hold
-    if hp.batch_size is None:
+    if hp.batch_size is None and tokens is None:
         log.info("auto batch size: %d per worker", batch_size)
-    return _Model(model, params, hp, batch_size, device, strategy)
+    return _Model(model, params, hp, batch_size, device, strategy, tokens)
+
+
+def _to_gpu(model: Any, ctx: RunContext) -> None:
+    """Place the model on this worker's GPU before probing (k-bit models are placed already
+    and refuse .to)."""
+    if next(model.parameters()).device.type != "cuda":
+        model.to(f"cuda:{ctx.rank.local_rank}")
 
 
 def _strategy(run: RunConfig, ctx: RunContext, params: ParamCount, device: str) -> Strategy:
@@ -886,9 +930,11 @@ def build_trainer(
     callbacks: list[Any],
     strategy: Strategy | None = None,
     rank: Rank | None = None,
+    batch_tokens: int | None = None,
 ) -> Any:
     """The Trainer of a run (TRL's SFTTrainer for causal LM): its arguments for one process
-    plus what the strategy adds, as production and the benchmark build it."""
+    plus what the strategy adds, as production and the benchmark build it; batches of
+    `batch_tokens` tokens when set (training.batchTokens), else rows of `batch_size`."""
     has_eval = prepared.eval is not None
     args = _training_args(run, hp, batch_size, out_dir, has_eval, device)
     args.update(
@@ -901,7 +947,7 @@ def build_trainer(
             hp.gradient_checkpointing,
         )
     )
-    return _build_trainer(run, model, tokenizer, prepared, args, callbacks)
+    return _build_trainer(run, model, tokenizer, prepared, args, callbacks, batch_tokens)
 
 
 def _trainer(
@@ -931,6 +977,7 @@ def _trainer(
         [callback, *reporters],
         built.strategy,
         ctx.rank,
+        built.batch_tokens,
     )
     trainer.remove_callback(PrinterCallback)  # RunCallback logs each step once, as text
     return trainer
