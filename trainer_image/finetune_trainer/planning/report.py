@@ -265,6 +265,15 @@ def build(
     return as_dict(name, run, facts, target, data, resolved, time, advice, notes)
 
 
+def _duration(seconds: float) -> str:
+    """`45 s`, `12 min`, `3.4 h`."""
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.3g} h"
+
+
 def tables(plan: dict[str, Any]) -> list[Table]:
     """The plan as tables: summary, memory breakdown, advice."""
     run, mem, time, target = plan["run"], plan["memory"], plan["time"], plan["target"]
@@ -303,7 +312,7 @@ def tables(plan: dict[str, Any]) -> list[Table]:
         ),
         ("steps", f"{time['steps']:,}" if time["steps"] else None),
         ("trained tokens", f"{time['trainedTokens']:,}" if time["trainedTokens"] else None),
-        ("duration", f"{span([s / 3600 for s in seconds], '{:.3g}')} h" if seconds else None),
+        ("duration", f"{_duration(seconds[0])} - {_duration(seconds[1])}" if seconds else None),
         ("GPU-hours", span(time["gpuHours"], "{:.3g}")),
         ("cost", span(time["cost"], "{:.3g}")),
     )
@@ -321,9 +330,9 @@ def tables(plan: dict[str, Any]) -> list[Table]:
     adv = plan["advice"]
     for option in adv["options"]:
         advice.add_row(Text(option["text"]))
-    for key in ("smallest", "fastest"):
+    for key, label in (("smallest", "smallest"), ("fastest", "fastest of these")):
         if adv[key]:
-            advice.add_row(Text(f"{key}: {adv[key]['text']}"))
+            advice.add_row(Text(f"{label}: {adv[key]['text']}"))
     for note in adv["notes"] + plan["notes"]:
         advice.add_row(Text(f"note: {note}", style="dim"))
     return [summary, breakdown, advice]
