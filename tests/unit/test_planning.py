@@ -296,3 +296,29 @@ def test_finetune_run_of_a_job_too_large_for_its_gpu_exits_65_before_loading(
     assert result.exit_code == 65, result.output
     assert "does not fit" in result.output
     assert "what fits GPUs like it:" in result.output
+
+
+def test_a_model_the_planner_cannot_read_still_trains(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from finetune_trainer.progress import Outcome
+    from finetune_trainer.reporting import run_reported
+
+    def unreadable(*args: Any, **kwargs: Any) -> Any:
+        raise TypeError("int() argument must be a string or a number, not 'NoneType'")
+
+    monkeypatch.setattr(runner, "plan_training", unreadable)
+    repo = Path(__file__).resolve().parents[2]
+    run = RunConfig.model_validate(
+        {
+            "model": {"source": str(tiny_model_dir)},
+            "dataset": {"source": str(repo / "examples/data/instructions.jsonl")},
+            "method": {"type": "lora", "lora": {"r": 4}},
+            "training": {"maxSteps": 1, "batchSize": 2},
+            "output": {"uri": str(tmp_path / "out")},
+        }
+    )
+    ctx = runner.RunContext(name="unplanned")
+    summary = run_reported(run, ctx, progress_port=None)
+    assert summary.outcome == Outcome.SUCCEEDED, summary.message
+    assert ctx.tracker.snapshot().estimate is None

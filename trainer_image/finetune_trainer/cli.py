@@ -409,8 +409,9 @@ def plan(
     """Estimate per-GPU memory, fit, duration and cost of a run, and advise what fits.
 
     Reads only the model's config (config.json; a .gguf file's header; from the Hub only
-    config.json), counts the dataset's tokens when it and the tokenizer are here, and never
-    loads weights. Everything is an estimate: the worst case for memory, a range for time.
+    config.json) and never loads weights. A dataset on this machine is counted: exactly with a
+    local model's tokenizer, approximately (from characters) for a hub model. Everything is an
+    estimate: the worst case for memory, a range for time. See docs/planning.md.
     """
     import json
 

@@ -529,6 +529,11 @@ class PlannedRun:
     estimate: Estimate
 
 
+# What a config the planner cannot read raises (missing or odd dimensions); a model it cannot
+# plan still trains, without an estimate (InvalidInputError, the user's, still stops the run).
+UNPLANNABLE = (TypeError, ValueError, AttributeError, KeyError, NotImplementedError)
+
+
 def _gpu(local_rank: int) -> tuple[int, str]:
     """Total memory (bytes) and name of this worker's GPU."""
     import torch
@@ -621,14 +626,16 @@ def _load_model(run: RunConfig, ctx: RunContext, data: _Data) -> _Model:
     lengths = [len(ids) for ids in data.prepared.train["input_ids"]]
     labels = len(data.prepared.label_names or ()) or 2
     ctx.tracker.phase(Phase.LOADING_MODEL, f"estimating memory and time; {data.model.description}")
+    planned: PlannedRun | None = None
     try:
         config = read_config(data.model, run.model)
         planned = plan_training(run, config, lengths, device, ctx.rank, labels)
-    except ModelLoadError as exc:
-        raise InvalidInputError(str(exc)) from exc
-    ctx.tracker.update(estimate=planned.estimate)
-    log.info("estimate: %s", planned.estimate.to_json())
-    check_plan(run, config, planned, lengths)
+    except UNPLANNABLE as exc:  # an architecture the planner cannot read: train without
+        log.warning("no memory estimate for this model (%s); auto uses its defaults", exc)
+    if planned is not None:
+        ctx.tracker.update(estimate=planned.estimate)
+        log.info("estimate: %s", planned.estimate.to_json())
+        check_plan(run, config, planned, lengths)
     ctx.tracker.phase(Phase.LOADING_MODEL, data.model.description)
     set_seed(run.training.seed)  # the new head and the adapter start from the seed's weights
 

@@ -6,7 +6,7 @@ The model (documented with its residuals in docs/planning.md):
   (nf4/fp4: 0.5 byte per weight plus one fp32 absmax per 64 weights, or with double
   quantization one byte per 64 and an fp32 per 16,384) and keeps the rest in fp32
   (`prepare_model_for_kbit_training` upcasts them); 8-bit: one byte per weight plus an fp32
-  scale per row. FSDP shards weights, gradients and optimizer state over the workers and
+  scale per row; the largest layer is dequantized for its matmul. FSDP shards weights, gradients and optimizer state over the workers and
   all-gathers one block at a time (two with prefetch).
 - **trainable weights, gradients, optimizer state**: adapters are fp32 (peft upcasts them);
   gradients have the parameter's dtype; AdamW keeps two moments in the parameter's dtype
@@ -146,10 +146,12 @@ def _weights(shape: ModelShape, params: ParamCounts, setup: Setup) -> tuple[int,
         return base * setup.weight_bytes, 0
     packed = min(params.quantizable, base)
     rest = (base - packed) * 4  # prepare_model_for_kbit_training: fp32
+    # the largest layer dequantized for its matmul, in the compute dtype
+    buffer = params.largest_linear * setup.compute_bytes
     if setup.quant_bits == 8:
-        return packed + rest, shape.layers * 7 * shape.hidden * 4
+        return packed + rest, shape.layers * 7 * shape.hidden * 4 + buffer
     constants = packed // 64 + packed // (64 * 256) * 4 if setup.double_quant else packed // 16
-    return packed // 2 + rest, constants
+    return packed // 2 + rest, constants + buffer
 
 
 def estimate(shape: ModelShape, params: ParamCounts, setup: Setup) -> MemoryEstimate:

@@ -97,16 +97,53 @@ def dataset_is_here(run: RunConfig) -> bool:
         return False
 
 
+# Without the tokenizer (a hub model's is not fetched): characters per token of English text
+# in the usual BPE vocabularies, and the tokens a prompt template adds per example.
+CHARS_PER_TOKEN = 4
+TEMPLATE_TOKENS = 16
+
+
+def _chars(record: Any) -> int:
+    """Characters of text in a record (its strings, nested ones included)."""
+    if isinstance(record, str):
+        return len(record)
+    if isinstance(record, dict):
+        return sum(_chars(v) for v in record.values())
+    if isinstance(record, list):
+        return sum(_chars(v) for v in record)
+    return 0
+
+
+def approximate_data(run: RunConfig) -> Data:
+    """Token lengths of the training records from their characters (CHARS_PER_TOKEN), for a
+    model whose tokenizer is not here; capped at maxSeqLength. Held-out splits included."""
+    from finetune_trainer.data import load_records
+
+    seq = run.dataset.max_seq_length
+    raw = load_records(run.dataset)
+    return data_of([min(seq, _chars(r) // CHARS_PER_TOKEN + TEMPLATE_TOKENS) for r in raw.records])
+
+
 def count_data(run: RunConfig, cache_dir: Path) -> tuple[Data | None, int, str | None]:
-    """The training split's exact token lengths (the validator's, with the model's tokenizer)
-    and the number of labels; None and why when the data or tokenizer is not available here."""
+    """The training split's token lengths: exact (the validator's, with the model's
+    tokenizer) for a local model, approximate from characters for a hub or remote model (its
+    tokenizer is not fetched); and the number of labels. None and why when the data is not
+    readable here."""
     from finetune_trainer.models import fetch_model
     from finetune_trainer.runner import prepare_data
 
-    if not storage.is_local(run.model.source):
-        return None, 2, "dataset not counted: the tokenizer of a hub or remote model is not fetched"
     if not dataset_is_here(run):
         return None, 2, f"dataset not counted: {run.dataset.source} is not readable here"
+    if not storage.is_local(run.model.source):
+        data = approximate_data(run)
+        return (
+            data,
+            2,
+            (
+                f"dataset approximated ({data.examples:,} examples, ~{CHARS_PER_TOKEN} characters "
+                "per token): the tokenizer of a hub or remote model is not fetched"
+            ),
+        )
     _, prepared = prepare_data(run, fetch_model(run.model, cache_dir))
     lengths = [len(ids) for ids in prepared.train["input_ids"]]
     return data_of(lengths), len(prepared.label_names or ()) or 2, None
@@ -228,6 +265,15 @@ def build(
     return as_dict(name, run, facts, target, data, resolved, time, advice, notes)
 
 
+def _duration(seconds: float) -> str:
+    """`45 s`, `12 min`, `3.4 h`."""
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.3g} h"
+
+
 def tables(plan: dict[str, Any]) -> list[Table]:
     """The plan as tables: summary, memory breakdown, advice."""
     run, mem, time, target = plan["run"], plan["memory"], plan["time"], plan["target"]
@@ -266,7 +312,7 @@ def tables(plan: dict[str, Any]) -> list[Table]:
         ),
         ("steps", f"{time['steps']:,}" if time["steps"] else None),
         ("trained tokens", f"{time['trainedTokens']:,}" if time["trainedTokens"] else None),
-        ("duration", f"{span([s / 3600 for s in seconds], '{:.3g}')} h" if seconds else None),
+        ("duration", f"{_duration(seconds[0])} - {_duration(seconds[1])}" if seconds else None),
         ("GPU-hours", span(time["gpuHours"], "{:.3g}")),
         ("cost", span(time["cost"], "{:.3g}")),
     )
@@ -284,9 +330,9 @@ def tables(plan: dict[str, Any]) -> list[Table]:
     adv = plan["advice"]
     for option in adv["options"]:
         advice.add_row(Text(option["text"]))
-    for key in ("smallest", "fastest"):
+    for key, label in (("smallest", "smallest"), ("fastest", "fastest of these")):
         if adv[key]:
-            advice.add_row(Text(f"{key}: {adv[key]['text']}"))
+            advice.add_row(Text(f"{label}: {adv[key]['text']}"))
     for note in adv["notes"] + plan["notes"]:
         advice.add_row(Text(f"note: {note}", style="dim"))
     return [summary, breakdown, advice]

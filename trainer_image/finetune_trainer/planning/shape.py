@@ -133,7 +133,8 @@ def count_params(config: Any, run: Any, num_labels: int = 2) -> ParamCounts:
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from finetune_trainer.methods import apply_method
+    from finetune_trainer.errors import InvalidInputError
+    from finetune_trainer.methods import MethodError, apply_method
 
     with init_empty_weights():
         if run.task == "sequence-classification":
@@ -147,8 +148,11 @@ def count_params(config: Any, run: Any, num_labels: int = 2) -> ParamCounts:
         for m in model.modules()
         if isinstance(m, torch.nn.Linear) and m is not head
     ]
-    with init_empty_weights():
-        model = apply_method(_counting_run(run), model, gradient_checkpointing=False)
+    try:
+        with init_empty_weights():
+            model = apply_method(_counting_run(run), model, gradient_checkpointing=False)
+    except MethodError as exc:  # e.g. a target module the model does not have
+        raise InvalidInputError(str(exc)) from exc
     _tie(model.get_base_model() if hasattr(model, "get_base_model") else model, config)
     total = trainable = 0
     for param in model.parameters():
