@@ -80,6 +80,20 @@ def _proc_stats(pid: int) -> dict[str, float]:
     return {"peak_rss_bytes": hwm * 1024, "rss_bytes": rss * 1024, "cpu_seconds": cpu}
 
 
+def wait_until_idle(pid: int, window: float = 5.0, limit: float = 600.0) -> float:
+    """Wait until the process used under 2 % of a core over `window` seconds (it has worked
+    through its backlog, e.g. the deletions); returns the seconds waited."""
+    start = time.monotonic()
+    cpu = _proc_stats(pid)["cpu_seconds"]
+    while time.monotonic() - start < limit:
+        time.sleep(window)
+        now = _proc_stats(pid)["cpu_seconds"]
+        if now - cpu < 0.02 * window:
+            break
+        cpu = now
+    return time.monotonic() - start
+
+
 def _ts(value: str) -> float:
     from datetime import datetime
 
@@ -493,6 +507,9 @@ def main(argv: list[str] | None = None) -> int:
                 if wave + 1 < args.waves or args.cleanup:
                     wave_result["delete_seconds"] = asyncio.run(delete_all(args, cluster.url))
                     time.sleep(args.quiet_seconds)
+                    # measured once the operator has processed the deletions (a loaded or
+                    # traced operator lags far behind the API server)
+                    wave_result["settle_seconds"] = wait_until_idle(proc.pid)
                     wave_result["operator_rss_after_delete_bytes"] = _proc_stats(proc.pid)[
                         "rss_bytes"
                     ]
@@ -530,6 +547,7 @@ def main(argv: list[str] | None = None) -> int:
                     "all_reconciled_seconds",
                     "operator_rss_live_bytes",
                     "operator_rss_after_delete_bytes",
+                    "settle_seconds",
                     "operator_peak_rss_bytes",
                     "operator_cpu_seconds",
                 )
