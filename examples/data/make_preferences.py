@@ -2,38 +2,43 @@
 
 Each instruction record becomes one chat-variant preference pair: the user turn is the
 instruction and its input, `chosen` is the record's reference answer, and `rejected` is the
-reference answer of the next record with the same instruction (file order, wrapping around),
-i.e. a well-formed answer to a different input: right format, wrong content. No model wrote
-any of it. Run from the repository root: python examples/data/make_preferences.py
+same answer padded with filler: a stock opening before it and a stock closing after it (one of
+four of each, picked by the record's position). The pairs teach a format preference, "answer
+without filler"; both answers are correct. No model wrote any of it. Run from the repository
+root: python examples/data/make_preferences.py
 """
 
 from __future__ import annotations
 
 import json
-from collections import defaultdict
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
+OPENINGS = (
+    "Sure! I'd be happy to help with that.",
+    "Great question! Let me work through it for you.",
+    "Of course! Here is what you asked for.",
+    "Absolutely, I can help you with this one.",
+)
+CLOSINGS = (
+    "I hope this helps! Let me know if you have any other questions.",
+    "Feel free to ask if you need anything else!",
+    "Let me know if there is anything else I can do for you.",
+    "I hope that answers your question. Have a great day!",
+)
+
 
 def main() -> None:
-    records = [json.loads(line) for line in (HERE / "instructions.jsonl").read_text().splitlines()]
-    by_task: dict[str, list[int]] = defaultdict(list)
-    for i, record in enumerate(records):
-        by_task[record["instruction"]].append(i)
     lines = []
-    for i, record in enumerate(records):
-        group = by_task[record["instruction"]]
-        k = group.index(i)
-        others = group[k + 1 :] + group[:k]
-        rejected = next(
-            records[j]["output"] for j in others if records[j]["output"] != record["output"]
-        )
+    for i, line in enumerate((HERE / "instructions.jsonl").read_text().splitlines()):
+        record = json.loads(line)
         user = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
+        opening, closing = OPENINGS[i % 4], CLOSINGS[(i // 4) % 4]
         pair = {
             "messages": [{"role": "user", "content": user}],
             "chosen": record["output"],
-            "rejected": rejected,
+            "rejected": f"{opening} {record['output']} {closing}",
         }
         lines.append(json.dumps(pair, ensure_ascii=False))
     (HERE / "preferences.jsonl").write_text("\n".join(lines) + "\n")
