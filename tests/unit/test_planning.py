@@ -106,6 +106,26 @@ def test_memory_parts_follow_the_method_and_sharding(llama8b: Any) -> None:
     assert no_ckpt.parts["activations"] > 5 * lora.parts["activations"]
 
 
+def test_preference_pairs_double_the_batch_and_full_dpo_keeps_a_reference(llama8b: Any) -> None:
+    def plan(method: str, objective: str) -> Any:
+        run = _run(method, objective=objective, batchSize=2, gradientCheckpointing=True)
+        run = run.model_copy(
+            update={"dataset": run.dataset.model_copy(update={"format": "preference"})}
+            if objective != "sft"
+            else {}
+        )
+        facts = method_facts(llama8b, run)[method]
+        return resolve(run, facts, Target(1, 1, 80 * GIB, H100), None).memory
+
+    sft, dpo = plan("lora", "sft"), plan("lora", "dpo")
+    assert sft.rows == 1 and dpo.rows == 4  # padding-free rows vs 2 pairs of padded sequences
+    assert dpo.tokens == 2 * sft.tokens
+    assert dpo.parts["reference"] == 0  # the adapter-disabled base is the reference
+    full = plan("full", "dpo")
+    assert full.parts["reference"] == full.parts["weights"] > 0
+    assert plan("full", "orpo").parts["reference"] == 0  # ORPO has no reference model
+
+
 def test_the_worst_batch_is_the_longest_examples_for_padding_free_rows() -> None:
     lengths = [10, 500, 20, 400, 30]
     free = Setup("lora", 2, 2, 2, 512, "padding-free", False, lengths=lengths)

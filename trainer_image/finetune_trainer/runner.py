@@ -144,8 +144,8 @@ def padding_free(
     on the first GPU) and at `batch_size` 1 (a lone example has no padding to remove). Packing
     implies it. The attention layers see the sequence boundaries through position_ids
     (flash-attention varlen, FlexAttention's document mask, or SDPA/eager with a materialised
-    block-diagonal mask)."""
-    if run.task != "causal-lm":
+    block-diagonal mask). Never for dpo/orpo: TRL pads each pair's sequences to one length."""
+    if run.task != "causal-lm" or run.preference:
         return False
     if run.dataset.packing:
         return True

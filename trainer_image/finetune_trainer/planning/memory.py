@@ -75,6 +75,8 @@ class Setup:
     fsdp: bool = False
     causal_lm: bool = True
     lengths: Sequence[int] | None = None  # the training examples' token counts, when known
+    pairs: bool = False  # dpo/orpo: every example is a chosen and a rejected sequence
+    reference_copy: bool = False  # full fine-tune under dpo: a frozen copy of the weights
 
     @property
     def kbit(self) -> bool:
@@ -84,7 +86,7 @@ class Setup:
 
 def worst_batch(setup: Setup) -> tuple[int, int, int]:
     """The micro-batch with the most tokens: (tokens, rows, longest row)."""
-    b, seq = setup.batch_size, setup.max_seq_length
+    b, seq = setup.batch_size * (2 if setup.pairs else 1), setup.max_seq_length
     lengths = sorted((min(n, seq) for n in setup.lengths or ()), reverse=True)
     longest = lengths[0] if lengths else seq
     if setup.layout == "packed" or (setup.layout == "padding-free" and not lengths):
@@ -168,6 +170,7 @@ def estimate(shape: ModelShape, params: ParamCounts, setup: Setup) -> MemoryEsti
         "trainable": 0 if setup.method == "full" else trainable // shard,
         "gradients": trainable // shard,
         "optimizer": ADAM_STATES * trainable // shard,
+        "reference": weights // shard if setup.reference_copy else 0,
     }
     if setup.fsdp:  # two gathered blocks (the current one and the prefetched next)
         block = (params.total - shape.vocab * shape.hidden) // max(shape.layers, 1)

@@ -138,6 +138,8 @@ def setup_for(
         fsdp=strategy.fsdp,
         causal_lm=run.task == "causal-lm",
         lengths=data.lengths if data is not None else None,
+        pairs=run.preference,
+        reference_copy=run.training.objective == "dpo" and run.method.type == "full",
     )
 
 
