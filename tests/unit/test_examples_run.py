@@ -43,6 +43,8 @@ def test_example_runs_with_a_tiny_model(
     args = ["run", f"examples/{example}", "--output", str(out), "--set", f"model.source={model}"]
     for override in ("training.maxSteps=2", "training.batchSize=2"):
         args += ["--set", override]
+    if "wandb" in spec.get("tracking", {}):  # no W&B account here: its offline mode
+        args += ["--set", "tracking.wandb.mode=offline"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     weights = "model" if spec.get("method", {}).get("type") == "full" else "adapter"

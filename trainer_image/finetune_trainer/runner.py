@@ -64,7 +64,7 @@ from finetune_trainer.outputs import (
     write_metrics,
     write_model_card,
 )
-from finetune_trainer.planning.plan import ModelFacts, Target
+from finetune_trainer.planning.plan import ModelFacts, Target, sequence_lengths
 from finetune_trainer.planning.plan import Resolved as Planned
 from finetune_trainer.progress import (
     ENV_MAX_GPU_HOURS,
@@ -623,7 +623,7 @@ def _load_model(run: RunConfig, ctx: RunContext, data: _Data) -> _Model:
     from finetune_trainer.planning.source import read_config
 
     device = _device()
-    lengths = [len(ids) for ids in data.prepared.train["input_ids"]]
+    lengths = sequence_lengths(run, data.prepared.train)
     labels = len(data.prepared.label_names or ()) or 2
     ctx.tracker.phase(Phase.LOADING_MODEL, f"estimating memory and time; {data.model.description}")
     planned: PlannedRun | None = None

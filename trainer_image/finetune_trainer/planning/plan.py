@@ -401,6 +401,19 @@ def to_estimate(resolved: Resolved, target: Target, time: Timing) -> Estimate:
     )
 
 
+def sequence_lengths(run: RunConfig, train: Any) -> list[int]:
+    """Tokens of each training sequence of a prepared split; for a preference pair its longer
+    sequence (the prompt with the longer answer: the pair is padded to it)."""
+    if not run.preference:
+        return [len(ids) for ids in train["input_ids"]]
+    return [
+        len(prompt) + max(len(chosen), len(rejected))
+        for prompt, chosen, rejected in zip(
+            train["prompt_ids"], train["chosen_ids"], train["rejected_ids"], strict=True
+        )
+    ]
+
+
 def data_of(lengths: Sequence[int]) -> Data:
     """Data facts from the training split's token lengths."""
     return Data(tuple(int(n) for n in lengths))

@@ -26,6 +26,7 @@ from finetune_trainer.planning.plan import (
     describe_parts,
     precision,
     resolve,
+    sequence_lengths,
     timing,
 )
 
@@ -145,8 +146,11 @@ def count_data(run: RunConfig, cache_dir: Path) -> tuple[Data | None, int, str |
             ),
         )
     _, prepared = prepare_data(run, fetch_model(run.model, cache_dir))
-    lengths = [len(ids) for ids in prepared.train["input_ids"]]
-    return data_of(lengths), len(prepared.label_names or ()) or 2, None
+    return (
+        data_of(sequence_lengths(run, prepared.train)),
+        len(prepared.label_names or ()) or 2,
+        None,
+    )
 
 
 def _pair(values: tuple[float, float] | None) -> list[float] | None:
