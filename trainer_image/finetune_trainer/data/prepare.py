@@ -348,7 +348,7 @@ class _Pipeline:
         kept = part.take(keep, part.name)
         part.records, part.origins, part.keys = kept.records, kept.origins, kept.keys
         usable: list[PairTokens] = []
-        limit, policy = self.spec.max_seq_length, self.spec.overlong
+        limit = self.spec.max_seq_length
         keep = []
         for i, (pair, origin) in enumerate(zip(pairs, part.origins, strict=True)):
             if pair is None:
@@ -361,14 +361,7 @@ class _Pipeline:
                     f"{pair.length} tokens (prompt {len(pair.prompt)} + the longer answer) > "
                     f"maxSeqLength {limit}"
                 )
-                if policy == "error":
-                    self.report.add("overlong", message, origin)
-                    continue
-                if policy == "drop":
-                    self.report.add(
-                        "overlong", message, origin, severity="warning", action="dropped"
-                    )
-                    self.stats.dropped_overlong += 1
+                if self._refused_overlong(message, origin):
                     continue
                 if len(pair.prompt) >= limit:
                     self.report.add(
@@ -401,9 +394,20 @@ class _Pipeline:
         part.records, part.origins, part.keys = kept.records, kept.origins, kept.keys
         part.pairs = usable
 
+    def _refused_overlong(self, message: str, origin: Origin) -> bool:
+        """dataset.overlong for a record over maxSeqLength: True when it is not kept (error,
+        or drop: reported here); False when the caller truncates it."""
+        if self.spec.overlong == "error":
+            self.report.add("overlong", message, origin)
+            return True
+        if self.spec.overlong == "drop":
+            self.report.add("overlong", message, origin, severity="warning", action="dropped")
+            self.stats.dropped_overlong += 1
+            return True
+        return False
+
     def _apply_length_policy(self, part: _Part, rendered: list[Rendered]) -> None:
         limit = self.spec.max_seq_length
-        policy = self.spec.overlong
         keep: list[int] = []
         retokenize: list[int] = []
         for i, (ids, mask, origin) in enumerate(
@@ -411,14 +415,7 @@ class _Pipeline:
         ):
             if len(ids) > limit:
                 message = f"{len(ids)} tokens > maxSeqLength {limit}"
-                if policy == "error":
-                    self.report.add("overlong", message, origin)
-                    continue
-                if policy == "drop":
-                    self.report.add(
-                        "overlong", message, origin, severity="warning", action="dropped"
-                    )
-                    self.stats.dropped_overlong += 1
+                if self._refused_overlong(message, origin):
                     continue
                 self.report.add("overlong", message, origin, severity="warning", action="truncated")
                 self.stats.truncated += 1
